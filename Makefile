@@ -1,0 +1,41 @@
+# Loop Service: every install step lives here, so a fresh machine needs only `make demo` or `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo run test lint typecheck unit clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=strict
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The live demo: simulated platform traffic streamed into the running system, dashboard on :8080.
+demo: install
+	$(BIN)/loopservice demo
+
+run: install
+	$(BIN)/loopservice run
+
+lint: install
+	$(BIN)/ruff check domain streams projections infra loopservice tests
+	$(BIN)/ruff format --check domain streams projections infra loopservice tests
+
+typecheck: install
+	@# from tests/, so that the source folder loopservice/ does not shadow the installed package
+	cd tests && ../$(BIN)/mypy --config-file ../pyproject.toml -p loopservice
+
+unit: install
+	$(BIN)/pytest -q
+
+## Installs everything, then lint, types and the whole test suite.
+test: install
+	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=strict
+	$(MAKE) lint typecheck unit
+
+clean:
+	rm -rf $(VENV) build *.egg-info

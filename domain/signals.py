@@ -1,0 +1,90 @@
+"""Derived signals: what the processors conclude from the log.
+
+A signal is identified by what it is (`signal_id` is built from case, metric, cycle, due
+instant and policy version), never by when it was noticed, so re-deriving it after a restart
+or in a replay yields the same record and delivery can deduplicate on it. `detected_at` is
+the logical (event-time) instant at which the processor derived it, so replay reproduces it
+exactly. Every signal names the events that caused it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+
+from loopservice.domain.events import Id, Priority, Team
+
+
+class SignalBase(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    signal_id: Id
+    tenant_id: Id
+    account_id: Id
+    case_id: Id | None = None
+    detected_at: AwareDatetime
+    caused_by: Annotated[tuple[str, ...], Field(min_length=1)]
+    policy_version: str | None = None
+
+
+class SlaSignal(SignalBase):
+    metric: Literal["first_response", "next_response", "resolution", "followup"]
+    cycle: int = Field(ge=0)
+    due_at: AwareDatetime
+    priority: Priority
+    team: Team | None = None
+
+
+class SlaWarning(SlaSignal):
+    type: Literal["sla.warning"] = "sla.warning"
+    threshold_pct: int = Field(gt=0, lt=100)
+
+
+class SlaBreached(SlaSignal):
+    type: Literal["sla.breached"] = "sla.breached"
+
+
+class SlaBreachRetracted(SlaSignal):
+    """A late event showed the breach did not happen; the breach signal stays on the log."""
+
+    type: Literal["sla.breach_retracted"] = "sla.breach_retracted"
+    retracts: Id
+    reason: str
+
+
+class HandoffRuleViolated(SignalBase):
+    type: Literal["handoff.rule_violated"] = "handoff.rule_violated"
+    rule: str
+    from_team: Team
+    to_team: Team
+    detail: str
+
+
+class RiskChanged(SignalBase):
+    type: Literal["risk.changed"] = "risk.changed"
+    score: float = Field(ge=0, le=100)
+    level: Literal["low", "medium", "high"]
+    previous_level: Literal["low", "medium", "high"]
+    reasons: tuple[str, ...]
+
+
+class PatternDetected(SignalBase):
+    type: Literal["pattern.detected"] = "pattern.detected"
+    pattern: str
+    key: str
+    evidence: tuple[str, ...] = ()
+    detail: str = ""
+
+
+Signal = Annotated[
+    SlaWarning
+    | SlaBreached
+    | SlaBreachRetracted
+    | HandoffRuleViolated
+    | RiskChanged
+    | PatternDetected,
+    Field(discriminator="type"),
+]
+
+SIGNAL_ADAPTER: TypeAdapter[Signal] = TypeAdapter(Signal)

@@ -1,0 +1,186 @@
+"""The embedded log: the `eventsourcing` library's SQLite application recorder, one file.
+
+Each log is one recorder table (`stored_interactions`, `stored_signals`). A record is stored as
+an eventsourcing `StoredEvent` whose `originator_id` is the record's identity (event id or
+signal id) at `originator_version` 0: the recorder's primary key therefore makes a repeated
+identity impossible to store twice, and the table's rowid is the gapless log position.
+The state column holds `{"recorded_at": ..., "value": ...}` as JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Generic
+
+import orjson
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.sqlite import (
+    SQLiteApplicationRecorder,
+    SQLiteConnection,
+    SQLiteConnectionPool,
+    SQLiteDatastore,
+)
+from pydantic import BaseModel, ValidationError
+
+from loopservice.domain.events import EVENT_ADAPTER, Event
+from loopservice.domain.signals import Signal
+from loopservice.domain.upcasting import upcast
+from loopservice.streams.clock import Clock, WallClock
+from loopservice.streams.log import Appended, LogRecord, T
+
+
+class _StoredInteraction(BaseModel):
+    recorded_at: datetime
+    value: Event
+
+
+class _StoredSignal(BaseModel):
+    recorded_at: datetime
+    value: Signal
+
+
+class _DurablePool(SQLiteConnectionPool):
+    """synchronous=FULL: an acknowledged append survives power loss, not only a killed process."""
+
+    def _create_connection(self) -> SQLiteConnection:
+        conn = super()._create_connection()
+        if not self.is_sqlite_memory_mode:
+            conn._sqlite_conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+
+def open_datastore(path: str | Path) -> SQLiteDatastore:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datastore = SQLiteDatastore(str(path), originator_id_type="text", lock_timeout=30)
+    datastore.pool = _DurablePool(db_name=str(path), lock_timeout=30)
+    return datastore
+
+
+class SQLiteLog(Generic[T]):
+    def __init__(
+        self,
+        datastore: SQLiteDatastore,
+        table: str,
+        identity: Callable[[T], str],
+        topic: Callable[[T], str],
+        decode: Callable[[bytes], tuple[datetime, T]],
+        clock: Clock | None = None,
+    ) -> None:
+        self.datastore = datastore
+        self.recorder = SQLiteApplicationRecorder(datastore, events_table_name=table)
+        self.recorder.create_table()
+        self._table = table
+        self._identity: Callable[[T], str] = identity
+        self._topic: Callable[[T], str] = topic
+        self._decode: Callable[[bytes], tuple[datetime, T]] = decode
+        self.clock: Clock = clock or WallClock()
+
+    def append(self, values: Sequence[T]) -> list[Appended]:
+        if not values:
+            return []
+        recorded_at = self.clock.now()
+        stamp = recorded_at.isoformat().encode()
+        ids = [self._identity(v) for v in values]
+        with self.datastore.transaction(commit=True) as cursor:
+            existing = self._existing_positions(cursor, ids)
+            fresh: list[StoredEvent] = []
+            fresh_ids: list[str] = []
+            new_ids: set[str] = set()
+            for record_id, value in zip(ids, values, strict=True):
+                if record_id in existing or record_id in new_ids:
+                    continue
+                new_ids.add(record_id)
+                fresh_ids.append(record_id)
+                body = value.model_dump_json().encode()
+                fresh.append(
+                    StoredEvent(
+                        originator_id=record_id,
+                        originator_version=0,
+                        topic=self._topic(value),
+                        state=b'{"recorded_at":"' + stamp + b'","value":' + body + b"}",
+                    )
+                )
+            positions = self.recorder._insert_events(cursor, fresh) or []
+        new_positions = dict(zip(fresh_ids, positions, strict=True))
+        outcomes: list[Appended] = []
+        seen: set[str] = set()
+        for record_id in ids:
+            if record_id in new_positions and record_id not in seen:
+                outcomes.append(Appended(record_id, new_positions[record_id], duplicate=False))
+            else:
+                position = existing.get(record_id) or new_positions[record_id]
+                outcomes.append(Appended(record_id, position, duplicate=True))
+            seen.add(record_id)
+        return outcomes
+
+    def read(self, start: int, limit: int) -> list[LogRecord[T]]:
+        notifications = self.recorder.select_notifications(start, limit)
+        decode = self._decode
+        out: list[LogRecord[T]] = []
+        for n in notifications:
+            recorded_at, value = decode(n.state)
+            out.append(LogRecord(n.id, recorded_at, value))
+        return out
+
+    def head(self) -> int:
+        return self.recorder.max_notification_id() or 0
+
+    def position_of(self, record_id: str) -> int | None:
+        with self.datastore.transaction(commit=False) as cursor:
+            return self._existing_positions(cursor, [record_id]).get(record_id)
+
+    def _existing_positions(self, cursor: Any, ids: Sequence[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        unique = list(dict.fromkeys(ids))
+        for i in range(0, len(unique), 500):
+            chunk = unique[i : i + 500]
+            cursor.execute(
+                f"SELECT rowid, originator_id FROM {self._table} "
+                f"WHERE originator_id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            for row in cursor.fetchall():
+                found[row[1]] = row[0]
+        return found
+
+
+def decode_interaction(state: bytes) -> tuple[datetime, Event]:
+    try:
+        stored = _StoredInteraction.model_validate_json(state)
+    except ValidationError:
+        # Written under an older schema: upcast the raw mapping, then validate.
+        raw = orjson.loads(state)
+        return datetime.fromisoformat(raw["recorded_at"]), EVENT_ADAPTER.validate_python(
+            upcast(raw["value"])
+        )
+    return stored.recorded_at, stored.value
+
+
+def decode_signal(state: bytes) -> tuple[datetime, Signal]:
+    stored = _StoredSignal.model_validate_json(state)
+    return stored.recorded_at, stored.value
+
+
+def interaction_log(datastore: SQLiteDatastore, clock: Clock | None = None) -> SQLiteLog[Event]:
+    return SQLiteLog(
+        datastore,
+        "stored_interactions",
+        identity=lambda e: e.event_id,
+        topic=lambda e: e.type,
+        decode=decode_interaction,
+        clock=clock,
+    )
+
+
+def signal_log(datastore: SQLiteDatastore, clock: Clock | None = None) -> SQLiteLog[Signal]:
+    return SQLiteLog(
+        datastore,
+        "stored_signals",
+        identity=lambda s: s.signal_id,
+        topic=lambda s: s.type,
+        decode=decode_signal,
+        clock=clock,
+    )

@@ -1,0 +1,1 @@
+"""Loop Service: customer service as an event-sourced loop."""

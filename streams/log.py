@@ -1,0 +1,67 @@
+"""The log port: an append-only, gapless, idempotent sequence of records.
+
+Two logs share this shape: interactions (events from platforms plus the engine's clock ticks)
+and signals (what processors derive). Adapters live in `infra/` (`sqlite_log`, `kafka_log`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Generic, Protocol, TypeVar
+
+from loopservice.domain.events import Event
+from loopservice.domain.signals import Signal
+
+T = TypeVar("T", Event, Signal)
+T_co = TypeVar("T_co", covariant=True)
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord(Generic[T_co]):
+    position: int
+    recorded_at: datetime
+    value: T_co
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """The outcome for one submitted record: where it sits, and whether it was already there."""
+
+    record_id: str
+    position: int
+    duplicate: bool
+
+
+class EventFromTheFuture(ValueError):
+    """An event whose `occurred_at` lies beyond the log's clock plus the skew tolerance."""
+
+
+class Log(Protocol[T]):
+    def append(self, values: Sequence[T]) -> list[Appended]:
+        """Appends durably, in order; returns only after the records are committed."""
+        ...
+
+    def read(self, start: int, limit: int) -> list[LogRecord[T]]:
+        """Records with position >= start, in position order, at most `limit`."""
+        ...
+
+    def head(self) -> int:
+        """The last position written, 0 for an empty log."""
+        ...
+
+
+async def tail(
+    log: Log[T], start: int, *, batch: int = 1000, poll: timedelta = timedelta(milliseconds=50)
+) -> AsyncIterator[list[LogRecord[T]]]:
+    """Follows the log from `start` for ever, yielding non-empty batches as they appear."""
+    position = start
+    while True:
+        records = await asyncio.to_thread(log.read, position, batch)
+        if records:
+            position = records[-1].position + 1
+            yield records
+        else:
+            await asyncio.sleep(poll.total_seconds())

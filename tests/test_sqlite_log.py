@@ -1,0 +1,75 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from factories import message, opened
+from loopservice.infra.sqlite_log import interaction_log, open_datastore
+
+
+def test_append_read_positions_are_gapless(tmp_path: Path) -> None:
+    log = interaction_log(open_datastore(tmp_path / "log.db"))
+    out = log.append([opened(1), message(2), message(3)])
+    assert [a.position for a in out] == [1, 2, 3]
+    assert not any(a.duplicate for a in out)
+    out = log.append([message(4)])
+    assert out[0].position == 4
+    records = log.read(2, 10)
+    assert [r.position for r in records] == [2, 3, 4]
+    assert records[0].value == message(2)
+    assert records[0].recorded_at.tzinfo is not None
+    assert log.head() == 4
+
+
+def test_duplicates_are_accepted_once_across_restarts(tmp_path: Path) -> None:
+    log = interaction_log(open_datastore(tmp_path / "log.db"))
+    log.append([opened(1), message(2)])
+    reopened = interaction_log(open_datastore(tmp_path / "log.db"))
+    out = reopened.append([message(2), message(3), message(3)])
+    assert [(a.record_id, a.position, a.duplicate) for a in out] == [
+        ("ev-2", 2, True),
+        ("ev-3", 3, False),
+        ("ev-3", 3, True),
+    ]
+    assert reopened.head() == 3
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from loopservice.infra.sqlite_log import interaction_log, open_datastore
+    from factories import message
+    log = interaction_log(open_datastore(sys.argv[1]))
+    n = 0
+    while True:
+        batch = [message(n + i) for i in range(50)]
+        out = log.append(batch)
+        n += 50
+        print(out[-1].position, flush=True)
+    """
+)
+
+
+def test_acknowledged_appends_survive_sigkill(tmp_path: Path) -> None:
+    db = tmp_path / "log.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(db)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+    )
+    assert proc.stdout is not None
+    acknowledged = 0
+    for line in proc.stdout:
+        acknowledged = int(line)
+        if acknowledged >= 2000:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log = interaction_log(open_datastore(db))
+    assert log.head() >= acknowledged
+    records = log.read(1, acknowledged)
+    assert [r.position for r in records] == list(range(1, acknowledged + 1))
