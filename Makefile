@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=strict
+	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,15 +26,13 @@ lint: install
 	$(BIN)/ruff format --check domain streams projections infra loopservice tests
 
 typecheck: install
-	@# from tests/, so that the source folder loopservice/ does not shadow the installed package
-	cd tests && ../$(BIN)/mypy --config-file ../pyproject.toml -p loopservice
+	$(BIN)/mypy -p loopservice
 
 unit: install
 	$(BIN)/pytest -q
 
 ## Installs everything, then lint, types and the whole test suite.
 test: install
-	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=strict
 	$(MAKE) lint typecheck unit
 
 clean:
