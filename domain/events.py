@@ -332,15 +332,14 @@ Event = Annotated[
 
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
+EVENT_MODELS: dict[str, type[Envelope]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (*_CaseEvent.__subclasses__(), *Envelope.__subclasses__())
+    if "type" in cls.model_fields
+}
+EVENT_TYPES: tuple[str, ...] = tuple(sorted(EVENT_MODELS))
 CASE_EVENT_TYPES: frozenset[str] = frozenset(
     cls.model_fields["type"].default for cls in _CaseEvent.__subclasses__()
-)
-EVENT_TYPES: tuple[str, ...] = tuple(
-    sorted(
-        cls.model_fields["type"].default
-        for cls in (*_CaseEvent.__subclasses__(), *Envelope.__subclasses__())
-        if "type" in cls.model_fields
-    )
 )
 
 SYSTEM_TENANT = "_system"

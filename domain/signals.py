@@ -88,3 +88,8 @@ Signal = Annotated[
 ]
 
 SIGNAL_ADAPTER: TypeAdapter[Signal] = TypeAdapter(Signal)
+
+
+def signal_models() -> tuple[type[SignalBase], ...]:
+    return (SlaWarning, SlaBreached, SlaBreachRetracted, HandoffRuleViolated, RiskChanged,
+            PatternDetected)  # fmt: skip

@@ -4,13 +4,14 @@ Each log is one recorder table (`stored_interactions`, `stored_signals`). A reco
 an eventsourcing `StoredEvent` whose `originator_id` is the record's identity (event id or
 signal id) at `originator_version` 0: the recorder's primary key therefore makes a repeated
 identity impossible to store twice, and the table's rowid is the gapless log position.
-The state column holds `{"recorded_at": ..., "value": ...}` as JSON.
+The state column holds the append time as a fixed-width 32-byte UTC ISO timestamp followed by
+the record's JSON; the topic column holds its type, so decoding picks the model directly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic
 
@@ -24,21 +25,11 @@ from eventsourcing.sqlite import (
 )
 from pydantic import BaseModel, ValidationError
 
-from loopservice.domain.events import EVENT_ADAPTER, Event
-from loopservice.domain.signals import Signal
+from loopservice.domain.events import EVENT_ADAPTER, EVENT_MODELS, Event
+from loopservice.domain.signals import Signal, signal_models
 from loopservice.domain.upcasting import upcast
 from loopservice.streams.clock import Clock, WallClock
 from loopservice.streams.log import Appended, LogRecord, T
-
-
-class _StoredInteraction(BaseModel):
-    recorded_at: datetime
-    value: Event
-
-
-class _StoredSignal(BaseModel):
-    recorded_at: datetime
-    value: Signal
 
 
 class _DurablePool(SQLiteConnectionPool):
@@ -66,7 +57,7 @@ class SQLiteLog(Generic[T]):
         table: str,
         identity: Callable[[T], str],
         topic: Callable[[T], str],
-        decode: Callable[[bytes], tuple[datetime, T]],
+        decode: Callable[[str, bytes], T],
         clock: Clock | None = None,
     ) -> None:
         self.datastore = datastore
@@ -75,14 +66,13 @@ class SQLiteLog(Generic[T]):
         self._table = table
         self._identity: Callable[[T], str] = identity
         self._topic: Callable[[T], str] = topic
-        self._decode: Callable[[bytes], tuple[datetime, T]] = decode
+        self._decode: Callable[[str, bytes], T] = decode
         self.clock: Clock = clock or WallClock()
 
     def append(self, values: Sequence[T]) -> list[Appended]:
         if not values:
             return []
-        recorded_at = self.clock.now()
-        stamp = recorded_at.isoformat().encode()
+        stamp = self.clock.now().astimezone(UTC).strftime(_STAMP).encode()
         ids = [self._identity(v) for v in values]
         with self.datastore.transaction(commit=True) as cursor:
             existing = self._existing_positions(cursor, ids)
@@ -100,7 +90,7 @@ class SQLiteLog(Generic[T]):
                         originator_id=record_id,
                         originator_version=0,
                         topic=self._topic(value),
-                        state=b'{"recorded_at":"' + stamp + b'","value":' + body + b"}",
+                        state=stamp + body,
                     )
                 )
             positions = self.recorder._insert_events(cursor, fresh) or []
@@ -120,9 +110,12 @@ class SQLiteLog(Generic[T]):
         notifications = self.recorder.select_notifications(start, limit)
         decode = self._decode
         out: list[LogRecord[T]] = []
+        parse_time = datetime.fromisoformat
         for n in notifications:
-            recorded_at, value = decode(n.state)
-            out.append(LogRecord(n.id, recorded_at, value))
+            state = n.state
+            out.append(
+                LogRecord(n.id, parse_time(state[:32].decode()), decode(n.topic, state[32:]))
+            )
         return out
 
     def head(self) -> int:
@@ -147,21 +140,24 @@ class SQLiteLog(Generic[T]):
         return found
 
 
-def decode_interaction(state: bytes) -> tuple[datetime, Event]:
+_STAMP = "%Y-%m-%dT%H:%M:%S.%f+00:00"  # always 32 bytes
+
+_SIGNAL_MODELS: dict[str, type[BaseModel]] = {
+    cls.model_fields["type"].default: cls for cls in signal_models()
+}
+
+
+def decode_interaction(topic: str, body: bytes) -> Event:
+    model = EVENT_MODELS[topic]
     try:
-        stored = _StoredInteraction.model_validate_json(state)
+        return model.model_validate_json(body)  # type: ignore[return-value]
     except ValidationError:
         # Written under an older schema: upcast the raw mapping, then validate.
-        raw = orjson.loads(state)
-        return datetime.fromisoformat(raw["recorded_at"]), EVENT_ADAPTER.validate_python(
-            upcast(raw["value"])
-        )
-    return stored.recorded_at, stored.value
+        return EVENT_ADAPTER.validate_python(upcast(orjson.loads(body)))
 
 
-def decode_signal(state: bytes) -> tuple[datetime, Signal]:
-    stored = _StoredSignal.model_validate_json(state)
-    return stored.recorded_at, stored.value
+def decode_signal(topic: str, body: bytes) -> Signal:
+    return _SIGNAL_MODELS[topic].model_validate_json(body)  # type: ignore[return-value]
 
 
 def interaction_log(datastore: SQLiteDatastore, clock: Clock | None = None) -> SQLiteLog[Event]:
