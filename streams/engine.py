@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -60,15 +61,18 @@ class EmbeddedEngine:
         self.watermark: datetime | None = None
         self._max_seen: datetime | None = None
         self.stats = EngineStats()
+        # held while folding, so readers of processor state (the live board) see whole batches
+        self.lock = threading.Lock()
 
     # -- the fold ----------------------------------------------------------------------------
 
     def process(self, records: Sequence[LogRecord[Event]]) -> list[Signal]:
         """Folds records in order; returns the signals they caused, already on the signal log."""
         out: list[Signal] = []
-        for record in records:
-            out += self._process_one(record)
-            self.position = record.position + 1
+        with self.lock:
+            for record in records:
+                out += self._process_one(record)
+                self.position = record.position + 1
         self.stats.records += len(records)
         if out:
             self.signal_log.append(out)

@@ -17,10 +17,13 @@ from loopservice.domain.events import (
     CaseMerged,
     CaseOpened,
     Event,
+    HandedOff,
     PolicyPublished,
     Tier,
 )
-from loopservice.domain.signals import Signal
+from loopservice.domain.policy import Policy
+from loopservice.domain.signals import HandoffRuleViolated, Signal
+from loopservice.domain.sla import SlaRules
 from loopservice.streams.rules import RulesBook
 
 
@@ -63,7 +66,7 @@ class SlaProcessor:
 
     name = "sla"
 
-    def __init__(self, rules: RulesBook) -> None:
+    def __init__(self, rules: RulesBook[SlaRules]) -> None:
         self.rules = rules
         self.cases: dict[tuple[str, str], sla.CaseClocks] = {}
         self.tiers: dict[tuple[str, str], Tier] = {}
@@ -115,9 +118,79 @@ class SlaProcessor:
     def next_due(self) -> datetime | None:
         return self._queue[0][0] if self._queue else None
 
+    def board(self, tenant_id: str, limit: int = 200) -> list[dict[str, object]]:
+        """Running clocks of one tenant, the nearest deadline first (the live SLA board)."""
+        rows: list[dict[str, object]] = []
+        for (tenant, case_id), case_clocks in list(self.cases.items()):
+            if tenant != tenant_id:
+                continue
+            for clock in list(case_clocks.clocks.values()):
+                if clock.due_at is None:
+                    continue
+                rows.append(
+                    {
+                        "case_id": case_id,
+                        "account_id": case_clocks.account_id,
+                        "team": case_clocks.team.value,
+                        "priority": case_clocks.priority.value,
+                        "priority_source": case_clocks.priority_source,
+                        "metric": clock.metric,
+                        "cycle": clock.cycle,
+                        "due_at": clock.due_at.isoformat(),
+                        "breached": "breach" in clock.fired,
+                        "policy_version": clock.policy_version,
+                    }
+                )
+        rows.sort(key=lambda r: str(r["due_at"]))
+        return rows[:limit]
+
     def open_clocks(self) -> int:
         return sum(len(c.clocks) for c in self.cases.values())
 
     def _schedule(self, case_clocks: sla.CaseClocks, rules: sla.SlaRules) -> None:
         for timer in sla.new_timers(case_clocks, rules):
             heapq.heappush(self._queue, (timer.at, next(self._seq), timer))
+
+
+class HandoffProcessor:
+    """Checks each handoff against the policy; a broken rule is signalled, the handoff stands."""
+
+    name = "handoff-rules"
+
+    def __init__(self, rules: RulesBook[Policy]) -> None:
+        self.rules = rules
+        self.handoffs: dict[tuple[str, str], int] = {}
+
+    def handle(self, event: Event) -> list[Signal]:
+        if isinstance(event, PolicyPublished):
+            self.rules.publish(event)
+            return []
+        if not isinstance(event, HandedOff):
+            return []
+        assert event.case_id is not None
+        key = (event.tenant_id, event.case_id)
+        before = self.handoffs.get(key, 0)
+        self.handoffs[key] = before + 1
+        policy = self.rules.in_force(event.occurred_at)
+        return [
+            HandoffRuleViolated(
+                signal_id=f"handoff.rule_violated/{event.tenant_id}/{event.event_id}/{n}",
+                tenant_id=event.tenant_id,
+                account_id=event.account_id,
+                case_id=event.case_id,
+                detected_at=event.occurred_at,
+                caused_by=(event.event_id,),
+                policy_version=policy.version,
+                rule=rule,
+                from_team=event.from_team,
+                to_team=event.to_team,
+                detail=f"handoff {before + 1} of this case",
+            )
+            for n, rule in enumerate(policy.handoffs.violations(event, before))
+        ]
+
+    def advance(self, watermark: datetime) -> list[Signal]:
+        return []
+
+    def next_due(self) -> datetime | None:
+        return None

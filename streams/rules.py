@@ -3,33 +3,37 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from loopservice.domain.events import PolicyPublished
-from loopservice.domain.sla import SlaRules
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+R_co = TypeVar("R_co", covariant=True)
 
 
-class RulesBook:
-    """Policy versions by the instant they take effect; replay applies the one then in force."""
+class RulesBook(Generic[R_co]):
+    """Policy versions by the instant they take effect; replay applies the one then in force.
 
-    def __init__(self, default: SlaRules, parse: Callable[[dict[str, Any]], SlaRules]) -> None:
+    Until a `policy.published` event is on the log, the shipped default applies.
+    """
+
+    def __init__(self, default: R_co, parse: Callable[[Mapping[str, Any]], R_co]) -> None:
         self._parse = parse
         self._starts: list[datetime] = [_EPOCH]
-        self._rules: list[SlaRules] = [default]
+        self._rules: list[Any] = [default]
+        self._published: set[str] = set()
 
     def publish(self, event: PolicyPublished) -> None:
+        if event.event_id in self._published:
+            return  # several processors share the book; the first one to see it publishes
+        self._published.add(event.event_id)
         rules = self._parse({**event.policy, "version": event.version})
         i = bisect.bisect_right(self._starts, event.occurred_at)
         self._starts.insert(i, event.occurred_at)
         self._rules.insert(i, rules)
 
-    def in_force(self, at: datetime) -> SlaRules:
-        return self._rules[bisect.bisect_right(self._starts, at) - 1]
-
-    @property
-    def latest(self) -> SlaRules:
-        return self._rules[-1]
+    def in_force(self, at: datetime) -> R_co:
+        rules: R_co = self._rules[bisect.bisect_right(self._starts, at) - 1]
+        return rules

@@ -1,0 +1,102 @@
+"""The composition root: settings in, a wired system out. Nothing else builds adapters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from rich.console import Console
+
+from loopservice.domain.events import Event
+from loopservice.domain.policy import Policy, policy_from_mapping
+from loopservice.domain.signals import Signal
+from loopservice.infra.api import create_app
+from loopservice.infra.dashboard import dashboard_router
+from loopservice.infra.dead_letters import DeadLetterStore
+from loopservice.infra.settings import Settings
+from loopservice.infra.sqlite_log import SQLiteLog, interaction_log, open_datastore, signal_log
+from loopservice.policy_cli import default_policy
+from loopservice.streams.clock import Clock, WallClock
+from loopservice.streams.engine import EmbeddedEngine
+from loopservice.streams.log import LogRecord
+from loopservice.streams.processors import CaseStateProcessor, HandoffProcessor, SlaProcessor
+from loopservice.streams.rules import RulesBook
+
+
+@dataclass
+class System:
+    settings: Settings
+    clock: Clock
+    log: SQLiteLog[Event]
+    signals: SQLiteLog[Signal]
+    dead_letters: DeadLetterStore
+    rules: RulesBook[Policy]
+    cases: CaseStateProcessor
+    sla: SlaProcessor
+    handoffs: HandoffProcessor
+    engine: EmbeddedEngine
+
+
+def build_system(settings: Settings, clock: Clock | None = None) -> System:
+    clock = clock or WallClock()
+    datastore = open_datastore(settings.sqlite_path())
+    log = interaction_log(datastore, clock)
+    signals = signal_log(datastore, clock)
+    dead_letters = DeadLetterStore(datastore, clock)
+    rules: RulesBook[Policy] = RulesBook(default_policy(), policy_from_mapping)
+    cases, sla, handoffs = CaseStateProcessor(), SlaProcessor(rules), HandoffProcessor(rules)
+
+    def dead_letter(record: LogRecord[Event], processor: str, exc: Exception) -> None:
+        dead_letters.add(
+            processor,
+            f"{type(exc).__name__}: {exc}",
+            record.value.model_dump(mode="json"),
+            event_id=record.value.event_id,
+            position=record.position,
+        )
+
+    engine = EmbeddedEngine(
+        log,
+        signals,
+        [cases, sla, handoffs],
+        allowed_lateness=settings.allowed_lateness,
+        on_failure=dead_letter,
+    )
+    return System(settings, clock, log, signals, dead_letters, rules, cases, sla, handoffs, engine)
+
+
+def build_app(system: System, routers: Sequence[APIRouter] = (), speedup: float = 1.0) -> FastAPI:
+    def board(tenant: str) -> list[dict[str, Any]]:
+        with system.engine.lock:
+            return system.sla.board(tenant)
+
+    def latest_signals(tenant: str, limit: int) -> list[dict[str, Any]]:
+        head = system.signals.head()
+        recent = system.signals.read(max(1, head - 5000), 5001)
+        mine = [r.value.model_dump(mode="json") for r in recent if r.value.tenant_id == tenant]
+        return mine[-limit:][::-1]
+
+    dashboard = dashboard_router(board, latest_signals, system.clock.now, speedup)
+    return create_app(
+        system.settings, system.log, clock=system.clock, routers=[dashboard, *routers]
+    )
+
+
+def console_sink(console: Console) -> Callable[[Sequence[Signal]], None]:
+    """Prints SLA warnings, breaches and rule violations as they are derived (the demo's pager)."""
+
+    def show(signals: Sequence[Signal]) -> None:
+        for s in signals:
+            style = {"sla.breached": "bold red", "sla.warning": "yellow"}.get(s.type, "cyan")
+            what = getattr(s, "metric", None) or getattr(s, "rule", "")
+            extra = f" {s.threshold_pct}%" if hasattr(s, "threshold_pct") else ""
+            due = getattr(s, "due_at", None)
+            when = f" due {due:%a %H:%M}" if due else ""
+            console.print(
+                f"[{style}]{s.type:<22}[/] {s.tenant_id}/{s.case_id} {what}{extra}{when}"
+                f" ({getattr(s, 'priority', '')})"
+            )
+
+    return show
