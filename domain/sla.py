@@ -56,6 +56,8 @@ class Calendar(Protocol):
 
     def elapsed(self, start: datetime, end: datetime) -> float: ...
 
+    def segments(self, start: datetime, end: datetime) -> list[tuple[datetime, datetime]]: ...
+
 
 class SlaRules(Protocol):
     """What the SLA clocks need from the service policy in force."""

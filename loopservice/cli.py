@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from loopservice.bench import bench
+from loopservice.explain import explain
 from loopservice.ingest_cli import dead_letters_command, ingest_command
 from loopservice.runtime import demo_command, run_command
 from loopservice.simulator import simulate_command
@@ -31,3 +32,4 @@ main.add_command(bench)
 from loopservice.policy_cli import policy  # noqa: E402
 
 main.add_command(policy)
+main.add_command(explain)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -43,7 +44,7 @@ from pydantic import ValidationError
 from loopservice.domain.events import EVENT_ADAPTER, Envelope, Event
 from loopservice.domain.upcasting import upcast
 from loopservice.streams.clock import Clock
-from loopservice.streams.log import Log
+from loopservice.streams.log import Appended, Log, LogRecord
 
 INGEST_STAGE = "ingest"
 ENGINE_ONLY_TYPES: frozenset[str] = frozenset({"clock.tick"})
@@ -256,6 +257,91 @@ def _models_by_type() -> dict[str, type[Envelope]]:
         if tag is not None and isinstance(tag.default, str):
             found[tag.default] = cls
     return found
+
+
+# --- group commit ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Slot:
+    events: Sequence[Event]
+    result: list[Appended] | None = None
+    error: BaseException | None = None
+
+
+class GroupCommitLog:
+    """A log decorator that merges appends from concurrent threads into one transaction.
+
+    A durable append costs one fsync whatever its size, so many small concurrent requests
+    would serialise on fsyncs. Here the first caller to find the log idle writes everything
+    pending in one `append` (one transaction) and hands each caller its own outcomes; callers
+    arriving meanwhile wait and are written by the next leader. Each caller still returns only
+    after its records are committed. If the shared append fails, every caller in it gets the
+    error (nothing of theirs was acknowledged; a retry is safe because ids are idempotent).
+    """
+
+    def __init__(self, log: Log[Event], max_events: int = 20_000) -> None:
+        self.log = log
+        self.max_events = max_events
+        self._cond = threading.Condition()
+        self._pending: list[_Slot] = []
+        self._writing = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.log, name)
+
+    def read(self, start: int, limit: int) -> list[LogRecord[Event]]:
+        return self.log.read(start, limit)
+
+    def head(self) -> int:
+        return self.log.head()
+
+    def append(self, values: Sequence[Event]) -> list[Appended]:
+        if not values:
+            return []
+        slot = _Slot(values)
+        with self._cond:
+            self._pending.append(slot)
+            while slot.result is None and slot.error is None:
+                if self._writing:
+                    self._cond.wait()
+                    continue
+                self._writing = True
+                batch = self._take()
+                self._cond.release()
+                try:
+                    self._write(batch)
+                finally:
+                    self._cond.acquire()
+                    self._writing = False
+                    self._cond.notify_all()
+        if slot.error is not None:
+            raise slot.error
+        assert slot.result is not None
+        return slot.result
+
+    def _take(self) -> list[_Slot]:
+        batch: list[_Slot] = []
+        size = 0
+        while self._pending and (
+            not batch or size + len(self._pending[0].events) <= self.max_events
+        ):
+            slot = self._pending.pop(0)
+            batch.append(slot)
+            size += len(slot.events)
+        return batch
+
+    def _write(self, batch: list[_Slot]) -> None:
+        try:
+            appended = self.log.append([e for slot in batch for e in slot.events])
+        except BaseException as exc:
+            for slot in batch:
+                slot.error = exc
+            return
+        offset = 0
+        for slot in batch:
+            slot.result = appended[offset : offset + len(slot.events)]
+            offset += len(slot.events)
 
 
 # --- the service ----------------------------------------------------------------------------

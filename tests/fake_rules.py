@@ -16,6 +16,9 @@ class AlwaysOpen:
     def elapsed(self, start: datetime, end: datetime) -> float:
         return max(0.0, (end - start).total_seconds())
 
+    def segments(self, start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
+        return [(start, end)] if end > start else []
+
 
 @dataclass
 class FakeRules:

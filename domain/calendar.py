@@ -1,0 +1,343 @@
+"""Business time: weekly open hours in an IANA zone, minus holidays, counted in real seconds.
+
+Business time is real elapsed time while the local wall clock shows an open hour on a
+non-holiday local date. The open instants of one local date are found by walking the zone's
+UTC-offset runs around that date: an instant is open when its own local time (fold included)
+lies inside a span. So across a DST change 24/7 stays 24 real hours a day, an open hour the
+clock skips counts nothing, and an open hour the clock repeats counts twice.
+
+A span whose end is not after its start crosses midnight ("22:00-06:00" on Monday is open
+Monday 22:00-24:00 and Tuesday 00:00-06:00); each part belongs to the local date it falls on,
+so a holiday on Tuesday closes Tuesday's part.
+
+Instants are handled as integer microseconds since the epoch, so `add` and `elapsed` are exact
+inverses down to the microsecond. Open intervals are cached per local date and per UTC day.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import holidays as holidays_lib
+
+WEEKDAYS: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+ALWAYS = "24/7"
+
+_DAY = 86_400
+_US = 1_000_000
+_DAY_US = _DAY * _US
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_REACH = 27 * 3600  # further than any UTC offset, so a local date's instants lie within it
+_MAX_CLOSED_DAYS = 3_700
+
+Interval = tuple[int, int]
+WeeklyHours = tuple[tuple[Interval, ...], ...]  # per weekday (Monday first): (start, end) seconds
+
+
+def _clock_seconds(text: str, *, allow_24: bool) -> int:
+    parts = text.strip().split(":")
+    if len(parts) not in (2, 3) or not all(p.isdigit() and len(p) == 2 for p in parts):
+        raise ValueError(f"{text!r} is not a time of day HH:MM or HH:MM:SS")
+    h, m, s = (int(p) for p in (*parts, "00")[:3])
+    if h == 24 and m == 0 and s == 0 and allow_24:
+        return _DAY
+    if h > 23 or m > 59 or s > 59:
+        raise ValueError(f"{text!r} is not a time of day")
+    return h * 3600 + m * 60 + s
+
+
+def _weekday_keys(key: str) -> list[int]:
+    name = key.strip().lower()
+    if name in WEEKDAYS:
+        return [WEEKDAYS.index(name)]
+    first, sep, last = name.partition("-")
+    if sep and first in WEEKDAYS and last in WEEKDAYS:
+        a, b = WEEKDAYS.index(first), WEEKDAYS.index(last)
+        return [(a + i) % 7 for i in range((b - a) % 7 + 1)]
+    raise ValueError(f"{key!r} is not a weekday (mon..sun) or a range like mon-fri")
+
+
+def _fmt(seconds: int) -> str:
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h:02d}:{m:02d}" + (f":{s:02d}" if s else "")
+
+
+def parse_hours(hours: str | Mapping[str, Sequence[str]]) -> WeeklyHours:
+    """Weekly hours from `"24/7"` or `{"mon-fri": ["09:00-12:00", "13:00-17:00"], ...}`.
+
+    Weekdays left out are closed. A span ending at or before its start crosses midnight.
+    Raises ValueError naming the weekday and spans on overlap or a malformed span.
+    """
+    if isinstance(hours, str):
+        if hours.strip() != ALWAYS:
+            raise ValueError(f"hours must be {ALWAYS!r} or a mapping of weekday to spans")
+        return tuple(((0, _DAY),) for _ in WEEKDAYS)
+    days: list[list[tuple[int, int, str]]] = [[] for _ in WEEKDAYS]
+    for key, spans in hours.items():
+        if isinstance(spans, str):
+            raise ValueError(f"{key}: spans must be a list like ['09:00-17:00']")
+        for wd in _weekday_keys(key):
+            for text in spans:
+                start_text, sep, end_text = str(text).partition("-")
+                if not sep:
+                    raise ValueError(f"{key}: {text!r} is not a span like '09:00-17:00'")
+                start = _clock_seconds(start_text, allow_24=False)
+                end = _clock_seconds(end_text, allow_24=True)
+                if end > start:
+                    days[wd].append((start, end, text))
+                else:
+                    days[wd].append((start, _DAY, text))
+                    if end > 0:
+                        days[(wd + 1) % 7].append((0, end, f"{text} (from {WEEKDAYS[wd]})"))
+    weekly: list[tuple[Interval, ...]] = []
+    for wd, spans_of_day in enumerate(days):
+        spans_of_day.sort()
+        for (_, prev_end, prev), (start, _, text) in itertools.pairwise(spans_of_day):
+            if start < prev_end:
+                raise ValueError(f"{WEEKDAYS[wd]}: span {text!r} overlaps span {prev!r}")
+        weekly.append(tuple((s, e) for s, e, _ in spans_of_day))
+    return tuple(weekly)
+
+
+def _merge(intervals: Iterable[Interval]) -> list[Interval]:
+    out: list[Interval] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            if b > out[-1][1]:
+                out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+def _to_us(at: datetime) -> int:
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError(f"naive datetime {at.isoformat()}: business time needs aware instants")
+    delta = at - _EPOCH
+    return (delta.days * _DAY + delta.seconds) * _US + delta.microseconds
+
+
+def _from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+@dataclass(frozen=True)
+class BusinessCalendar:
+    """Open hours of a team: `weekly` spans in `zone`, closed on holidays and `closed_dates`."""
+
+    zone: str
+    weekly: WeeklyHours
+    holiday_country: str | None = None
+    holiday_subdivision: str | None = None
+    closed_dates: frozenset[date] = frozenset()
+    _tz: ZoneInfo = field(init=False, repr=False, compare=False)
+    _holidays: Any = field(init=False, repr=False, compare=False)
+    _local: dict[int, tuple[Interval, ...]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+    _days: dict[int, tuple[Interval, ...]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        try:
+            tz = ZoneInfo(self.zone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {self.zone!r}") from exc
+        object.__setattr__(self, "_tz", tz)
+        if len(self.weekly) != 7:
+            raise ValueError("weekly hours need exactly 7 weekdays")
+        for wd, spans in enumerate(self.weekly):
+            for (_, prev_end), (start, _) in itertools.pairwise(spans):
+                if start < prev_end:
+                    raise ValueError(f"{WEEKDAYS[wd]}: spans overlap or are unsorted")
+            if any(not 0 <= s < e <= _DAY for s, e in spans):
+                raise ValueError(f"{WEEKDAYS[wd]}: spans must lie within the day")
+        if not any(self.weekly):
+            raise ValueError("the calendar is never open")
+        calendar_holidays = None
+        if self.holiday_country is not None:
+            try:
+                calendar_holidays = holidays_lib.country_holidays(
+                    self.holiday_country, subdiv=self.holiday_subdivision
+                )
+            except NotImplementedError as exc:
+                where = self.holiday_country
+                if self.holiday_subdivision:
+                    where += f"/{self.holiday_subdivision}"
+                raise ValueError(f"unknown holiday country or subdivision {where!r}") from exc
+        elif self.holiday_subdivision is not None:
+            raise ValueError("a holiday subdivision needs a holiday country")
+        object.__setattr__(self, "_holidays", calendar_holidays)
+
+    @classmethod
+    def build(
+        cls,
+        zone: str,
+        hours: str | Mapping[str, Sequence[str]],
+        holiday_country: str | None = None,
+        holiday_subdivision: str | None = None,
+        closed_dates: Iterable[date] = (),
+    ) -> BusinessCalendar:
+        return cls(
+            zone=zone,
+            weekly=parse_hours(hours),
+            holiday_country=holiday_country,
+            holiday_subdivision=holiday_subdivision,
+            closed_dates=frozenset(closed_dates),
+        )
+
+    # --- public API ----------------------------------------------------------------------
+
+    def add(self, start: datetime, seconds: float) -> datetime:
+        """The first instant by which `seconds` of business time have passed since `start`.
+
+        Counting starts at `start`, or at the next opening when `start` is closed; for
+        `seconds > 0` the instant just before the result is open. Result in UTC.
+        """
+        if not seconds >= 0 or math.isinf(seconds):
+            raise ValueError(f"business seconds must be finite and >= 0, not {seconds}")
+        need = round(seconds * _US)
+        t = _to_us(start)
+        if need == 0:
+            return _from_us(t)
+        day = t // _DAY_US
+        closed_days = 0
+        while True:
+            intervals = self._days.get(day)
+            if intervals is None:
+                intervals = self._utc_day(day)
+            for a, b in intervals:
+                if b <= t:
+                    continue
+                lo = a if a > t else t
+                if need <= b - lo:
+                    return _from_us(lo + need)
+                need -= b - lo
+            closed_days = 0 if intervals else closed_days + 1
+            if closed_days > _MAX_CLOSED_DAYS:
+                raise ValueError(f"calendar {self.zone} has no open time after {start}")
+            day += 1
+            t = day * _DAY_US
+
+    def elapsed(self, start: datetime, end: datetime) -> float:
+        """Business seconds between two instants; 0 when `end <= start`."""
+        t0, t1 = _to_us(start), _to_us(end)
+        total = 0
+        for day in range(t0 // _DAY_US, (t1 - 1) // _DAY_US + 1) if t1 > t0 else ():
+            intervals = self._days.get(day)
+            if intervals is None:
+                intervals = self._utc_day(day)
+            for a, b in intervals:
+                lo = a if a > t0 else t0
+                hi = b if b < t1 else t1
+                if hi > lo:
+                    total += hi - lo
+        return total / _US
+
+    def segments(self, start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
+        """The open intervals counted between two instants, in UTC, adjacent ones merged."""
+        t0, t1 = _to_us(start), _to_us(end)
+        parts: list[Interval] = []
+        for day in range(t0 // _DAY_US, (t1 - 1) // _DAY_US + 1) if t1 > t0 else ():
+            for a, b in self._days.get(day) or self._utc_day(day):
+                lo, hi = max(a, t0), min(b, t1)
+                if hi > lo:
+                    parts.append((lo, hi))
+        return [(_from_us(a), _from_us(b)) for a, b in _merge(parts)]
+
+    def is_open(self, at: datetime) -> bool:
+        t = _to_us(at)
+        intervals = self._days.get(t // _DAY_US)
+        if intervals is None:
+            intervals = self._utc_day(t // _DAY_US)
+        return any(a <= t < b for a, b in intervals)
+
+    def is_holiday(self, day: date) -> bool:
+        return day in self.closed_dates or (self._holidays is not None and day in self._holidays)
+
+    def describe(self) -> str:
+        """One line for humans, e.g. 'Europe/Berlin mon-fri 09:00-17:00, holidays DE/BY'."""
+        if all(spans == ((0, _DAY),) for spans in self.weekly):
+            text = f"{self.zone} 24/7"
+        else:
+            days = [
+                f"{WEEKDAYS[wd]} " + ",".join(f"{_fmt(s)}-{_fmt(e)}" for s, e in spans)
+                for wd, spans in enumerate(self.weekly)
+                if spans
+            ]
+            text = f"{self.zone} " + "; ".join(days)
+        if self.holiday_country:
+            sub = f"/{self.holiday_subdivision}" if self.holiday_subdivision else ""
+            text += f", holidays {self.holiday_country}{sub}"
+        if self.closed_dates:
+            text += f", {len(self.closed_dates)} closed dates"
+        return text
+
+    # --- open intervals ------------------------------------------------------------------
+
+    def _offset(self, t: int) -> int:
+        offset = datetime.fromtimestamp(t, self._tz).utcoffset()
+        assert offset is not None
+        return offset.days * _DAY + offset.seconds
+
+    def _offset_runs(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """(from, to, offset) runs of constant UTC offset covering [start, end), epoch seconds."""
+        runs: list[tuple[int, int, int]] = []
+        run_start, run_offset = start, self._offset(start)
+        prev = start
+        for probe in (*range(start + 3600, end, 3600), end):
+            if self._offset(probe) != run_offset:
+                lo, hi = prev, probe  # offset(lo) == run_offset != offset(hi)
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    if self._offset(mid) == run_offset:
+                        lo = mid
+                    else:
+                        hi = mid
+                runs.append((run_start, hi, run_offset))
+                run_start, run_offset = hi, self._offset(hi)
+            prev = probe
+        runs.append((run_start, end, run_offset))
+        return runs
+
+    def _local_date(self, ordinal: int) -> tuple[Interval, ...]:
+        """Open instants (epoch seconds) whose local time falls on the local date `ordinal`."""
+        cached = self._local.get(ordinal)
+        if cached is not None:
+            return cached
+        day = date.fromordinal(ordinal)
+        spans = self.weekly[day.weekday()]
+        found: list[Interval] = []
+        if spans and not self.is_holiday(day):
+            midnight = (ordinal - _EPOCH_ORDINAL) * _DAY  # local midnight read as if UTC
+            for a, b, offset in self._offset_runs(midnight - _REACH, midnight + _DAY + _REACH):
+                for s, e in spans:
+                    lo, hi = max(a, midnight + s - offset), min(b, midnight + e - offset)
+                    if lo < hi:
+                        found.append((lo, hi))
+        result = tuple(_merge(found))
+        self._local[ordinal] = result
+        return result
+
+    def _utc_day(self, day: int) -> tuple[Interval, ...]:
+        """Open intervals (epoch microseconds) within UTC day `day`, sorted and disjoint."""
+        u0, u1 = day * _DAY, (day + 1) * _DAY
+        ordinal = day + _EPOCH_ORDINAL
+        parts: list[Interval] = []
+        for local in range(ordinal - 2, ordinal + 3):
+            for a, b in self._local_date(local):
+                lo, hi = max(a, u0), min(b, u1)
+                if lo < hi:
+                    parts.append((lo, hi))
+        result = tuple((a * _US, b * _US) for a, b in _merge(parts))
+        self._days[day] = result
+        return result
