@@ -8,11 +8,19 @@ and the engines all speak it. Older schema versions are upcast before validation
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    model_validator,
+)
 
 CURRENT_SCHEMA_VERSION = 2
 
@@ -91,10 +99,18 @@ class Actor(_Frozen):
     team: Team | None = None
 
 
+def _in_utc(at: datetime) -> datetime:
+    return at.astimezone(UTC)
+
+
+# Event times are kept in UTC: one representation on the log, and fast arithmetic downstream.
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+
+
 class Envelope(_Frozen):
     event_id: Id
     schema_version: int = Field(default=CURRENT_SCHEMA_VERSION, ge=1, le=CURRENT_SCHEMA_VERSION)
-    occurred_at: AwareDatetime
+    occurred_at: UtcDatetime
     tenant_id: Id
     account_id: Id
     case_id: Id | None = None

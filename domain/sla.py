@@ -87,7 +87,7 @@ class Clock:
     consumed: float = 0.0  # business seconds counted before `running_since`
     running_since: datetime | None = None
     due_at: datetime | None = None
-    fired: set[str] = field(default_factory=set)  # "breach", "warn50", ... for this due_at
+    fired: tuple[str, ...] = ()  # "warn50", "breach", … already signalled for this due_at
     breach_id: str | None = None
     breach_due: datetime | None = None
     scheduled_due: datetime | None = None  # the due_at whose timers are already queued
@@ -120,7 +120,7 @@ class Clock:
     def _retime(self) -> None:
         due = self.instant_of(self.target)
         if due != self.due_at:
-            self.fired = set()
+            self.fired = ()
         self.due_at = due
 
 
@@ -217,20 +217,37 @@ def apply(case: CaseClocks, event: Event, rules: SlaRules) -> list[SlaSignal]:
 
 
 def new_timers(case: CaseClocks, rules: SlaRules) -> list[Timer]:
-    """The warn and breach instants of running clocks whose deadline moved since last asked."""
+    """The next timer of each running clock whose deadline moved since it was last asked.
+
+    Only a clock's next warning or breach is queued; firing it queues the one after, so the
+    queue holds about one entry per running clock.
+    """
     out: list[Timer] = []
     for clock in case.clocks.values():
         if clock.due_at is None or clock.due_at == clock.scheduled_due:
             continue
         clock.scheduled_due = clock.due_at
-        out.append(Timer(clock.due_at, case.key, clock.metric, clock.cycle, "breach", clock.due_at))
-        for pct in rules.warning_percents():
-            at = clock.instant_of(clock.target * pct / 100)
-            if at is not None and at < clock.due_at:
-                out.append(
-                    Timer(at, case.key, clock.metric, clock.cycle, f"warn{pct}", clock.due_at)
-                )
+        timer = next_timer(case, clock, rules)
+        if timer is not None:
+            out.append(timer)
     return out
+
+
+def next_timer(case: CaseClocks, clock: Clock, rules: SlaRules) -> Timer | None:
+    """The clock's earliest warning or breach not yet signalled for its current deadline."""
+    due = clock.due_at
+    if due is None:
+        return None
+    for pct in rules.warning_percents():
+        kind = f"warn{pct}"
+        if kind in clock.fired:
+            continue
+        at = clock.instant_of(clock.target * pct / 100)
+        if at is not None and at < due:
+            return Timer(at, case.key, clock.metric, clock.cycle, kind, due)
+    if "breach" in clock.fired:
+        return None
+    return Timer(due, case.key, clock.metric, clock.cycle, "breach", due)
 
 
 def fire(case: CaseClocks, timer: Timer) -> SlaSignal | None:
@@ -240,7 +257,7 @@ def fire(case: CaseClocks, timer: Timer) -> SlaSignal | None:
         return None
     if timer.kind in clock.fired:
         return None
-    clock.fired.add(timer.kind)
+    clock.fired = (*clock.fired, timer.kind)
     common = {
         "tenant_id": case.tenant_id,
         "account_id": case.account_id,

@@ -6,7 +6,8 @@ and is all or nothing per request (see `streams.ingest`):
 
 - 202 `{"results": [{"index", "event_id", "position", "duplicate"}]}`, sent only after the
   append has returned, i.e. the events are durable;
-- 400 unreadable body (bad JSON, no events), 413 too many events, 415 other content types;
+- 400 unreadable body (bad JSON, no events), 413 too many events or bytes, 415 other
+  content types;
 - 401 no or unknown bearer token; 403 token without the `ingest` scope, or an event whose
   `tenant_id` is not the token's tenant (`errors` name the indexes);
 - 422 `{"errors": [{"index", "event_id", "field", "reason"}]}` listing every invalid event;
@@ -128,9 +129,16 @@ async def _ingest(request: Request, principal: Principal) -> JSONResponse:
     settings: Settings = request.app.state.settings
     metrics: Metrics = request.app.state.metrics
     service: IngestService = request.app.state.ingest
-    body = await request.body()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > settings.max_request_bytes:
+        return _too_large(settings)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > settings.max_request_bytes:
+            return _too_large(settings)
     try:
-        items = parse_payload(body, request.headers.get("content-type"))
+        items = parse_payload(bytes(body), request.headers.get("content-type"))
     except UnsupportedMediaType as exc:
         return _error(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, str(exc))
     except PayloadError as exc:
@@ -203,6 +211,13 @@ async def _ingest(request: Request, principal: Principal) -> JSONResponse:
             ]
         },
         status_code=status.HTTP_202_ACCEPTED,
+    )
+
+
+def _too_large(settings: Settings) -> JSONResponse:
+    return _error(
+        status.HTTP_413_CONTENT_TOO_LARGE,
+        f"the body exceeds {settings.max_request_bytes} bytes; send smaller batches",
     )
 
 

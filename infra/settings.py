@@ -2,7 +2,8 @@
 
 Every field `name` is read from `LOOP_<NAME>` (`LOOP_DATA_DIR`, `LOOP_LOG_URL`,
 `LOOP_HTTP_HOST`, `LOOP_HTTP_PORT`, `LOOP_TOKENS_FILE`, `LOOP_TOKENS`, `LOOP_DEV_TENANT`,
-`LOOP_ALLOWED_LATENESS_S`, `LOOP_CLOCK_SKEW_TOLERANCE_S`, `LOOP_MAX_BATCH_EVENTS`).
+`LOOP_ALLOWED_LATENESS_S`, `LOOP_CLOCK_SKEW_TOLERANCE_S`, `LOOP_MAX_BATCH_EVENTS`,
+`LOOP_MAX_REQUEST_BYTES`).
 
 API tokens are entries `{token, tenant, scopes}` with scopes drawn from `ingest`, `read`,
 `admin`. They come from `LOOP_TOKENS` (a JSON list of entries) and/or `LOOP_TOKENS_FILE`
@@ -64,6 +65,7 @@ class Settings(BaseModel):
     allowed_lateness_s: float = Field(default=1.0, ge=0)
     clock_skew_tolerance_s: float = Field(default=300.0, ge=0)
     max_batch_events: int = Field(default=10_000, ge=1)
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -31,8 +31,15 @@ def bench() -> None:
 def sample_events(n: int) -> list[Event]:
     """A realistic mix of case traffic: opened, messages, replies, notes, resolutions."""
     t0 = datetime(2026, 1, 5, 9, tzinfo=UTC)
-    kinds = ["case.opened", "case.customer_message", "case.agent_replied", "case.note_added",
-             "case.customer_message", "case.agent_replied", "case.resolved"]  # fmt: skip
+    kinds = [
+        "case.opened",
+        "case.customer_message",
+        "case.agent_replied",
+        "case.note_added",
+        "case.customer_message",
+        "case.agent_replied",
+        "case.resolved",
+    ]
     out: list[Event] = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
@@ -52,8 +59,12 @@ def sample_events(n: int) -> list[Event]:
             },
         }
         if kind == "case.opened":
-            raw |= {"subject": "Cannot export report", "topic": "export", "impact": "high",
-                    "urgency": "medium"}  # fmt: skip
+            raw |= {
+                "subject": "Cannot export report",
+                "topic": "export",
+                "impact": "high",
+                "urgency": "medium",
+            }
         elif kind == "case.resolved":
             raw |= {"resolution_code": "export-timeout", "summary": "raised the timeout"}
         else:
@@ -139,8 +150,133 @@ def bench_log(events: int, batch: int) -> None:
     table = Table(title=f"embedded log, {events:,} events, batches of {batch}")
     for col in ("measure", "events/s", "raw sqlite3 limit", "share of limit"):
         table.add_column(col, justify="right")
-    table.add_row("append", f"{append_rate:,.0f}", f"{raw_insert:,.0f}",
-                  f"{append_rate / raw_insert:.0%}")  # fmt: skip
-    table.add_row("read + decode", f"{read_rate:,.0f}", f"{raw_read:,.0f}",
-                  f"{read_rate / raw_read:.0%}")  # fmt: skip
+    table.add_row(
+        "append", f"{append_rate:,.0f}", f"{raw_insert:,.0f}", f"{append_rate / raw_insert:.0%}"
+    )
+    table.add_row(
+        "read + decode", f"{read_rate:,.0f}", f"{raw_read:,.0f}", f"{read_rate / raw_read:.0%}"
+    )
+    Console().print(table)
+
+
+def _case_events(n_cases: int, t0: datetime) -> list[Event]:
+    """n_cases opened by customers, then a reply, a customer message and a resolution each."""
+    opened: list[Event] = []
+    follow: list[Event] = []
+    impacts = ["low", "medium", "high", "critical"]
+    for i in range(n_cases):
+        at = t0 + timedelta(seconds=i % 86_400)
+        base: dict[str, object] = {
+            "tenant_id": "acme",
+            "account_id": f"acct-{i % 20_000}",
+            "case_id": f"case-{i}",
+            "source": {"platform": "zendesk", "channel": "email"},
+        }
+        customer = {"kind": "customer", "id": f"u-{i}"}
+        agent = {"kind": "agent", "id": "ag-1", "team": "support"}
+        opened.append(
+            EVENT_ADAPTER.validate_python(
+                base
+                | {
+                    "event_id": f"o-{i}",
+                    "type": "case.opened",
+                    "occurred_at": at,
+                    "actor": customer,
+                    "subject": "Export fails",
+                    "topic": "export",
+                    "impact": impacts[i % 4],
+                    "urgency": impacts[(i // 4) % 4],
+                }
+            )
+        )
+        for k, (kind, who, extra) in enumerate(
+            [
+                ("case.agent_replied", agent, {}),
+                ("case.customer_message", customer, {}),
+                ("case.resolved", agent, {"resolution_code": "export-timeout"}),
+            ]
+        ):
+            follow.append(
+                EVENT_ADAPTER.validate_python(
+                    base
+                    | {
+                        "event_id": f"f{k}-{i}",
+                        "type": kind,
+                        "actor": who,
+                        "occurred_at": at + timedelta(hours=2 + k),
+                    }
+                    | extra
+                )
+            )
+    return opened + follow
+
+
+@bench.command("sla")
+@click.option("--clocks", default=1_000_000, show_default=True, help="Open SLA clocks to hold.")
+@click.option(
+    "--events",
+    "n_events",
+    default=400_000,
+    show_default=True,
+    help="Events to push through the SLA processor for the rate.",
+)
+def bench_sla(clocks: int, n_events: int) -> None:
+    """Memory per open SLA clock, and events/s through the SLA processor (one core).
+
+    Uses the shipped default policy, so every deadline is computed on a real business
+    calendar (time zone, hours, holidays).
+    """
+    import tracemalloc
+
+    from loopservice.domain.policy import Policy, policy_from_mapping
+    from loopservice.policy_cli import default_policy
+    from loopservice.streams.processors import SlaProcessor
+    from loopservice.streams.rules import RulesBook
+
+    t0 = datetime(2026, 3, 2, 8, tzinfo=UTC)
+    n_cases = clocks // 2  # a customer-opened case runs first response and resolution
+    console.print(f"building {n_cases:,} case openings…")
+    openings = _case_events(n_cases, t0)[:n_cases]
+    gc.collect()
+    gc.freeze()
+    rules: RulesBook[Policy] = RulesBook(default_policy(), policy_from_mapping)
+    processor = SlaProcessor(rules)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("opening cases", total=n_cases)
+        for i, event in enumerate(openings):
+            processor.handle(event)
+            if i % 10_000 == 0:
+                progress.advance(task, 10_000)
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    open_clocks = processor.open_clocks()
+    del processor, openings
+    gc.unfreeze()
+    gc.collect()
+
+    n_cases = n_events // 4
+    console.print(f"building {n_events:,} events for the rate…")
+    stream = _case_events(n_cases, t0)
+    gc.freeze()
+    processor = SlaProcessor(RulesBook(default_policy(), policy_from_mapping))
+    start = time.perf_counter()
+    watermark = t0
+    for i, event in enumerate(stream):
+        processor.handle(event)
+        if i % 100 == 0 and event.occurred_at > watermark:
+            watermark = event.occurred_at
+            processor.advance(watermark)
+    rate = len(stream) / (time.perf_counter() - start)
+
+    table = Table(title="SLA processor")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("aim", justify="right")
+    table.add_row("open clocks held", f"{open_clocks:,}", "1,000,000")
+    table.add_row(
+        "memory per open clock (incl. queue)", f"{used / open_clocks:,.0f} B", "≤ 1,024 B"
+    )
+    table.add_row("events/s through the SLA processor", f"{rate:,.0f}", "≥ 50,000")
     Console().print(table)

@@ -33,3 +33,7 @@ from loopservice.policy_cli import policy  # noqa: E402
 
 main.add_command(policy)
 main.add_command(explain)
+
+from loopservice.alerts_cli import alerts  # noqa: E402
+
+main.add_command(alerts)

@@ -16,9 +16,13 @@ from loopservice.domain.events import (
     CaseClosed,
     CaseMerged,
     CaseOpened,
+    CaseStatus,
     Event,
     HandedOff,
+    Level,
     PolicyPublished,
+    Priority,
+    Team,
     Tier,
 )
 from loopservice.domain.policy import Policy
@@ -71,6 +75,7 @@ class SlaProcessor:
         self.cases: dict[tuple[str, str], sla.CaseClocks] = {}
         self.tiers: dict[tuple[str, str], Tier] = {}
         self._queue: list[tuple[datetime, int, sla.Timer]] = []
+        self._cached: dict[int, CachedRules] = {}
         self._seq = count()
 
     def handle(self, event: Event) -> list[Signal]:
@@ -84,7 +89,7 @@ class SlaProcessor:
         if event.case_id is None:
             return []
         key = (event.tenant_id, event.case_id)
-        rules = self.rules.in_force(event.occurred_at)
+        rules = self._fast(event.occurred_at)
         if isinstance(event, CaseOpened):
             if key in self.cases:
                 return []
@@ -111,12 +116,24 @@ class SlaProcessor:
             if case_clocks is None:
                 continue
             signal = sla.fire(case_clocks, timer)
-            if signal is not None:
-                out.append(signal)
+            if signal is None:
+                continue
+            out.append(signal)
+            clock = case_clocks.clocks[timer.metric]
+            following = sla.next_timer(case_clocks, clock, self._fast(timer.at))
+            if following is not None:
+                heapq.heappush(queue, (following.at, next(self._seq), following))
         return out
 
     def next_due(self) -> datetime | None:
         return self._queue[0][0] if self._queue else None
+
+    def _fast(self, at: datetime) -> sla.SlaRules:
+        policy = self.rules.in_force(at)
+        cached = self._cached.get(id(policy))
+        if cached is None or cached.rules is not policy:
+            cached = self._cached[id(policy)] = CachedRules(policy)
+        return cached
 
     def board(self, tenant_id: str, limit: int = 200) -> list[dict[str, object]]:
         """Running clocks of one tenant, the nearest deadline first (the live SLA board)."""
@@ -194,3 +211,48 @@ class HandoffProcessor:
 
     def next_due(self) -> datetime | None:
         return None
+
+
+class CachedRules:
+    """Memoises a policy's answers: the SLA hot path asks the same few questions millions of
+    times, and a policy is immutable once published."""
+
+    def __init__(self, rules: sla.SlaRules) -> None:
+        self.rules = rules
+        self.version = rules.version
+        self._warnings = rules.warning_percents()
+        self._priority: dict[tuple[Level, Level, Tier | None], Priority] = {}
+        self._targets: dict[tuple[sla.Metric, Priority, Tier | None], float] = {}
+        self._pauses: dict[tuple[sla.Metric, CaseStatus], bool] = {}
+        self._calendars: dict[tuple[Team, Tier | None], sla.Calendar] = {}
+
+    def priority_for(self, impact: Level, urgency: Level, tier: Tier | None) -> Priority:
+        key = (impact, urgency, tier)
+        found = self._priority.get(key)
+        if found is None:
+            found = self._priority[key] = self.rules.priority_for(impact, urgency, tier)
+        return found
+
+    def target_seconds(self, metric: sla.Metric, priority: Priority, tier: Tier | None) -> float:
+        key = (metric, priority, tier)
+        found = self._targets.get(key)
+        if found is None:
+            found = self._targets[key] = self.rules.target_seconds(metric, priority, tier)
+        return found
+
+    def pauses(self, metric: sla.Metric, status: CaseStatus) -> bool:
+        key = (metric, status)
+        found = self._pauses.get(key)
+        if found is None:
+            found = self._pauses[key] = self.rules.pauses(metric, status)
+        return found
+
+    def warning_percents(self) -> tuple[int, ...]:
+        return self._warnings
+
+    def calendar_for(self, team: Team, tier: Tier | None) -> sla.Calendar:
+        key = (team, tier)
+        found = self._calendars.get(key)
+        if found is None:
+            found = self._calendars[key] = self.rules.calendar_for(team, tier)
+        return found

@@ -1,10 +1,10 @@
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
-from fastapi.testclient import TestClient
 
 from factories import T0, raw_event
 from loopservice.domain.events import Event
@@ -37,7 +37,7 @@ def log(tmp_path: Path) -> SQLiteLog[Event]:
 
 
 @pytest.fixture
-def client(log: SQLiteLog[Event], tmp_path: Path) -> Iterator[TestClient]:
+async def client(log: SQLiteLog[Event], tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     grants = [
         TokenGrant.model_validate({"token": INGEST, "tenant": "acme", "scopes": ["ingest"]}),
         TokenGrant.model_validate({"token": READ_ONLY, "tenant": "acme", "scopes": ["read"]}),
@@ -46,19 +46,20 @@ def client(log: SQLiteLog[Event], tmp_path: Path) -> Iterator[TestClient]:
         ),
     ]
     app = create_app(
-        Settings(data_dir=tmp_path, max_batch_events=50),
+        Settings(data_dir=tmp_path, max_batch_events=50, max_request_bytes=20_000),
         log,
         tokens=TokenRegistry(grants),
         metrics=Metrics(),
     )
-    with TestClient(app) as c:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://loop.test") as c:
         yield c
 
 
-def test_accepts_an_array_with_positions_once_durable(
-    client: TestClient, log: SQLiteLog[Event]
+async def test_accepts_an_array_with_positions_once_durable(
+    client: httpx.AsyncClient, log: SQLiteLog[Event]
 ) -> None:
-    r = client.post("/v1/events", json=[opened_raw(1), opened_raw(2)], headers=auth(INGEST))
+    r = await client.post("/v1/events", json=[opened_raw(1), opened_raw(2)], headers=auth(INGEST))
     assert r.status_code == 202, r.text
     assert r.json() == {
         "results": [
@@ -69,9 +70,11 @@ def test_accepts_an_array_with_positions_once_durable(
     assert [rec.value.event_id for rec in log.read(1, 10)] == ["ev-1", "ev-2"]
 
 
-def test_one_object_and_duplicates(client: TestClient, log: SQLiteLog[Event]) -> None:
-    assert client.post("/v1/events", json=opened_raw(1), headers=auth(INGEST)).status_code == 202
-    r = client.post("/v1/events", json=[opened_raw(2), opened_raw(1)], headers=auth(INGEST))
+async def test_one_object_and_duplicates(client: httpx.AsyncClient, log: SQLiteLog[Event]) -> None:
+    assert (
+        await client.post("/v1/events", json=opened_raw(1), headers=auth(INGEST))
+    ).status_code == 202
+    r = await client.post("/v1/events", json=[opened_raw(2), opened_raw(1)], headers=auth(INGEST))
     assert r.status_code == 202
     assert [(x["event_id"], x["position"], x["duplicate"]) for x in r.json()["results"]] == [
         ("ev-2", 2, False),
@@ -80,20 +83,24 @@ def test_one_object_and_duplicates(client: TestClient, log: SQLiteLog[Event]) ->
     assert log.head() == 2
 
 
-def test_ndjson_body(client: TestClient, log: SQLiteLog[Event]) -> None:
+async def test_ndjson_body(client: httpx.AsyncClient, log: SQLiteLog[Event]) -> None:
     body = "\n".join(json.dumps(opened_raw(n)) for n in (1, 2, 3)) + "\n"
     headers = {**auth(INGEST), "Content-Type": "application/x-ndjson"}
-    r = client.post("/v1/events", content=body, headers=headers)
+    r = await client.post("/v1/events", content=body, headers=headers)
     assert r.status_code == 202, r.text
     assert [x["position"] for x in r.json()["results"]] == [1, 2, 3]
     assert log.head() == 3
 
 
-def test_invalid_events_reject_the_whole_request(client: TestClient, log: SQLiteLog[Event]) -> None:
-    client.post("/v1/events", json=[opened_raw(1)], headers=auth(INGEST))
+async def test_invalid_events_reject_the_whole_request(
+    client: httpx.AsyncClient, log: SQLiteLog[Event]
+) -> None:
+    await client.post("/v1/events", json=[opened_raw(1)], headers=auth(INGEST))
     bad_actor = opened_raw(3, actor={"kind": "robot", "id": "x"})
     future = opened_raw(4, at=NOW + timedelta(hours=2))
-    r = client.post("/v1/events", json=[opened_raw(2), bad_actor, future], headers=auth(INGEST))
+    r = await client.post(
+        "/v1/events", json=[opened_raw(2), bad_actor, future], headers=auth(INGEST)
+    )
     assert r.status_code == 422
     assert r.json()["errors"] == [
         {
@@ -112,50 +119,56 @@ def test_invalid_events_reject_the_whole_request(client: TestClient, log: SQLite
     assert log.head() == 1
 
 
-def test_unreadable_bodies(client: TestClient, log: SQLiteLog[Event]) -> None:
+async def test_unreadable_bodies(client: httpx.AsyncClient, log: SQLiteLog[Event]) -> None:
     headers = {**auth(INGEST), "Content-Type": "application/json"}
-    r = client.post("/v1/events", content=b'{"event_id": ', headers=headers)
+    r = await client.post("/v1/events", content=b'{"event_id": ', headers=headers)
     assert r.status_code == 400 and "invalid JSON" in r.json()["detail"]
-    assert client.post("/v1/events", content=b"[]", headers=headers).status_code == 400
-    r = client.post("/v1/events", json=[opened_raw(n) for n in range(51)], headers=auth(INGEST))
+    assert (await client.post("/v1/events", content=b"[]", headers=headers)).status_code == 400
+    r = await client.post(
+        "/v1/events", json=[opened_raw(n) for n in range(51)], headers=auth(INGEST)
+    )
     assert r.status_code == 413
+    r = await client.post(
+        "/v1/events", json=opened_raw(1, subject="x" * 20_000), headers=auth(INGEST)
+    )
+    assert r.status_code == 413 and "bytes" in r.json()["detail"]
     headers = {**auth(INGEST), "Content-Type": "text/plain"}
-    assert client.post("/v1/events", content=b"{}", headers=headers).status_code == 415
+    assert (await client.post("/v1/events", content=b"{}", headers=headers)).status_code == 415
     assert log.head() == 0
 
 
-def test_authentication_and_scope(client: TestClient, log: SQLiteLog[Event]) -> None:
+async def test_authentication_and_scope(client: httpx.AsyncClient, log: SQLiteLog[Event]) -> None:
     body = [opened_raw(1)]
-    r = client.post("/v1/events", json=body)
+    r = await client.post("/v1/events", json=body)
     assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
-    assert client.post("/v1/events", json=body, headers=auth("x" * 20)).status_code == 401
-    r = client.post("/v1/events", json=body, headers={"Authorization": f"Basic {INGEST}"})
+    assert (await client.post("/v1/events", json=body, headers=auth("x" * 20))).status_code == 401
+    r = await client.post("/v1/events", json=body, headers={"Authorization": f"Basic {INGEST}"})
     assert r.status_code == 401
-    r = client.post("/v1/events", json=body, headers=auth(READ_ONLY))
+    r = await client.post("/v1/events", json=body, headers=auth(READ_ONLY))
     assert r.status_code == 403 and "ingest" in r.json()["detail"]
     assert log.head() == 0
 
 
-def test_events_of_another_tenant_are_forbidden_even_to_admin(
-    client: TestClient,
+async def test_events_of_another_tenant_are_forbidden_even_to_admin(
+    client: httpx.AsyncClient,
     log: SQLiteLog[Event],
 ) -> None:
     body = [opened_raw(1), opened_raw(2, tenant_id="globex")]
-    r = client.post("/v1/events", json=body, headers=auth(INGEST))
+    r = await client.post("/v1/events", json=body, headers=auth(INGEST))
     assert r.status_code == 403
     assert [(e["index"], e["field"]) for e in r.json()["errors"]] == [(1, "tenant_id")]
     assert "index 1" in r.json()["detail"]
-    r = client.post("/v1/events", json=body, headers=auth(ADMIN_OTHER))
+    r = await client.post("/v1/events", json=body, headers=auth(ADMIN_OTHER))
     assert r.status_code == 403
     assert [e["index"] for e in r.json()["errors"]] == [0]
     assert log.head() == 0
 
 
-def test_health_and_metrics(client: TestClient) -> None:
-    client.post("/v1/events", json=[opened_raw(1), opened_raw(1)], headers=auth(INGEST))
-    client.post("/v1/events", json=[{"type": "nonsense"}], headers=auth(INGEST))
-    assert client.get("/healthz").json() == {"status": "ok", "log_head": 1}
-    text = client.get("/metrics").text
+async def test_health_and_metrics(client: httpx.AsyncClient) -> None:
+    await client.post("/v1/events", json=[opened_raw(1), opened_raw(1)], headers=auth(INGEST))
+    await client.post("/v1/events", json=[{"type": "nonsense"}], headers=auth(INGEST))
+    assert (await client.get("/healthz")).json() == {"status": "ok", "log_head": 1}
+    text = (await client.get("/metrics")).text
     assert 'loop_ingest_events_total{result="accepted",type="case.opened"} 1.0' in text
     assert 'loop_ingest_events_total{result="duplicate",type="case.opened"} 1.0' in text
     assert 'loop_ingest_events_total{result="rejected",type="unknown"} 1.0' in text

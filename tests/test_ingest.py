@@ -1,5 +1,8 @@
 import json
 import re
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -8,17 +11,20 @@ from click.testing import CliRunner
 
 from factories import T0, opened, raw_event
 from loopservice.cli import main
+from loopservice.domain.events import Event
 from loopservice.infra.dead_letters import DeadLetterStore
-from loopservice.infra.sqlite_log import interaction_log, open_datastore
+from loopservice.infra.sqlite_log import SQLiteLog, interaction_log, open_datastore
 from loopservice.streams.clock import FixedClock
 from loopservice.streams.ingest import (
     FieldError,
+    GroupCommitLog,
     IngestService,
     PayloadError,
     UnsupportedMediaType,
     parse_payload,
     validate,
 )
+from loopservice.streams.log import Appended, LogRecord
 
 NOW = T0 + timedelta(days=1)
 SKEW = timedelta(seconds=300)
@@ -205,3 +211,47 @@ def test_cli_ingest_reads_stdin(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["ingest", "-", "--db", str(db)], input=body)
     assert result.exit_code == 0, result.output
     assert interaction_log(open_datastore(db)).head() == 5
+
+
+class _SlowLog:
+    """Counts appends; each takes a while, as an fsync does."""
+
+    def __init__(self, log: SQLiteLog[Event]) -> None:
+        self.log = log
+        self.calls = 0
+
+    def append(self, values: Sequence[Event]) -> list[Appended]:
+        self.calls += 1
+        time.sleep(0.02)
+        return self.log.append(values)
+
+    def read(self, start: int, limit: int) -> list[LogRecord[Event]]:
+        return self.log.read(start, limit)
+
+    def head(self) -> int:
+        return self.log.head()
+
+
+def test_group_commit_merges_concurrent_appends(tmp_path: Path) -> None:
+    slow = _SlowLog(interaction_log(open_datastore(tmp_path / "log.db")))
+    grouped = GroupCommitLog(slow)
+    with ThreadPoolExecutor(16) as pool:
+        outcomes = list(pool.map(lambda n: grouped.append([opened(n), opened(n)]), range(1, 33)))
+    assert slow.calls < 16
+    for n, (first, again) in enumerate(outcomes, start=1):
+        assert (first.record_id, first.duplicate) == (f"ev-{n}", False)
+        assert (again.position, again.duplicate) == (first.position, True)
+        assert slow.log.read(first.position, 1)[0].value.event_id == f"ev-{n}"
+    assert grouped.head() == 32
+
+
+def test_group_commit_hands_the_error_to_every_caller_in_the_group(tmp_path: Path) -> None:
+    class Broken(_SlowLog):
+        def append(self, values: Sequence[Event]) -> list[Appended]:
+            time.sleep(0.02)
+            raise OSError("disk full")
+
+    grouped = GroupCommitLog(Broken(interaction_log(open_datastore(tmp_path / "log.db"))))
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(grouped.append, [opened(n)]) for n in range(8)]
+    assert all(isinstance(f.exception(), OSError) for f in futures)
