@@ -6,10 +6,13 @@ process never clash. Other components add their metrics to `metrics.registry`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from loopservice.domain.events import EVENT_TYPES
+from loopservice.domain.signals import Signal
 
 _KNOWN_TYPES = frozenset(EVENT_TYPES)
 
@@ -53,6 +56,37 @@ class Metrics:
             "Last position written to the interactions log, as last seen by this process.",
             registry=self.registry,
         )
+
+        self.sla_signals = Counter(
+            "loop_sla_signals",
+            "SLA warnings, breaches and retractions derived, by signal type, clock and priority.",
+            ["type", "metric", "priority"],
+            registry=self.registry,
+        )
+        self.signals = Counter(
+            "loop_signals",
+            "Signals derived by the processors, by signal type.",
+            ["type"],
+            registry=self.registry,
+        )
+        self.open_clocks = Gauge(
+            "loop_sla_open_clocks",
+            "SLA clocks currently running or paused.",
+            registry=self.registry,
+        )
+        self.engine_position = Gauge(
+            "loop_engine_position",
+            "The next interactions-log position the engine will read.",
+            registry=self.registry,
+        )
+
+    def count_signals(self, signals: Sequence[Signal]) -> None:
+        """An engine sink: counts each derived signal once it is on the signal log."""
+        for s in signals:
+            self.signals.labels(s.type).inc()
+            metric = getattr(s, "metric", None)
+            if metric is not None:
+                self.sla_signals.labels(s.type, metric, str(getattr(s, "priority", ""))).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type."""

@@ -15,6 +15,7 @@ from loopservice.domain.signals import Signal
 from loopservice.infra.api import create_app
 from loopservice.infra.dashboard import dashboard_router
 from loopservice.infra.dead_letters import DeadLetterStore
+from loopservice.infra.metrics import Metrics
 from loopservice.infra.settings import Settings
 from loopservice.infra.sqlite_log import SQLiteLog, interaction_log, open_datastore, signal_log
 from loopservice.policy_cli import default_policy
@@ -37,6 +38,7 @@ class System:
     sla: SlaProcessor
     handoffs: HandoffProcessor
     engine: EmbeddedEngine
+    metrics: Metrics
 
 
 def build_system(settings: Settings, clock: Clock | None = None) -> System:
@@ -64,7 +66,18 @@ def build_system(settings: Settings, clock: Clock | None = None) -> System:
         allowed_lateness=settings.allowed_lateness,
         on_failure=dead_letter,
     )
-    return System(settings, clock, log, signals, dead_letters, rules, cases, sla, handoffs, engine)
+    metrics = Metrics()
+    engine.sinks.append(metrics.count_signals)
+
+    def open_clocks() -> int:
+        with engine.lock:  # the scrape runs beside the engine's thread
+            return sla.open_clocks()
+
+    metrics.open_clocks.set_function(open_clocks)
+    metrics.engine_position.set_function(lambda: engine.position)
+    return System(
+        settings, clock, log, signals, dead_letters, rules, cases, sla, handoffs, engine, metrics
+    )
 
 
 def build_app(system: System, routers: Sequence[APIRouter] = (), speedup: float = 1.0) -> FastAPI:
@@ -80,7 +93,11 @@ def build_app(system: System, routers: Sequence[APIRouter] = (), speedup: float 
 
     dashboard = dashboard_router(board, latest_signals, system.clock.now, speedup)
     return create_app(
-        system.settings, system.log, clock=system.clock, routers=[dashboard, *routers]
+        system.settings,
+        system.log,
+        clock=system.clock,
+        metrics=system.metrics,
+        routers=[dashboard, *routers],
     )
 
 
