@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
@@ -10,8 +11,19 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from loopservice.domain.events import Priority, Team, Tier
+from loopservice.domain.events import (
+    Actor,
+    ActorKind,
+    Channel,
+    PolicyPublished,
+    Priority,
+    Source,
+    Team,
+    Tier,
+)
 from loopservice.domain.policy import METRICS, Policy, PolicyError, policy_from_toml
+from loopservice.infra.settings import Settings
+from loopservice.infra.sqlite_log import interaction_log, open_datastore
 
 
 def default_policy_text() -> str:
@@ -84,3 +96,54 @@ def check(file: Path) -> None:
             err.print(f"  {path or '(document)'}: {reason}", markup=False, highlight=False)
         raise SystemExit(1) from None
     _summary(parsed, console)
+
+
+@policy.command("publish")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--effective",
+    type=click.DateTime(),
+    default=None,
+    help="When it takes effect (UTC) [default: now].",
+)
+@click.option("--tenant", default=None, help="Publishing tenant [default: LOOP_DEV_TENANT].")
+@click.option(
+    "--db",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Embedded log file [default: from LOOP_LOG_URL].",
+)
+def publish(file: Path, effective: datetime | None, tenant: str | None, db: Path | None) -> None:
+    """Validate FILE and append it to the log as a `policy.published` event.
+
+    From its effective time on, every decision uses it; replays of earlier history keep
+    using the version that was in force then.
+    """
+    try:
+        parsed = load_policy(file)
+    except PolicyError as exc:
+        raise click.ClickException(f"{file}: invalid policy\n{exc}") from None
+    settings = Settings.from_env()
+    path = db or settings.sqlite_path()
+    log = interaction_log(open_datastore(path))
+    at = effective.replace(tzinfo=UTC) if effective else log.clock.now()
+    event = PolicyPublished(
+        event_id=f"policy:{parsed.version}",
+        occurred_at=at,
+        tenant_id=tenant or settings.dev_tenant,
+        account_id="_policy",
+        source=Source(platform="loopservice", channel=Channel.WEB),
+        actor=Actor(kind=ActorKind.SYSTEM, id="policy-cli"),
+        version=parsed.version,
+        policy=parsed.model_dump(mode="json", by_alias=True),
+    )
+    (appended,) = log.append([event])
+    if appended.duplicate:
+        raise click.ClickException(
+            f"version {parsed.version} was already published (position {appended.position}); "
+            "give the new policy a new version"
+        )
+    Console().print(
+        f"published policy {parsed.version} at position {appended.position}, "
+        f"effective {at.isoformat()}"
+    )
