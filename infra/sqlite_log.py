@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Generic
 
 import orjson
-from eventsourcing.persistence import StoredEvent
 from eventsourcing.sqlite import (
     SQLiteApplicationRecorder,
     SQLiteConnection,
@@ -76,7 +75,7 @@ class SQLiteLog(Generic[T]):
         ids = [self._identity(v) for v in values]
         with self.datastore.transaction(commit=True) as cursor:
             existing = self._existing_positions(cursor, ids)
-            fresh: list[StoredEvent] = []
+            rows: list[tuple[str, int, str, bytes]] = []
             fresh_ids: list[str] = []
             new_ids: set[str] = set()
             for record_id, value in zip(ids, values, strict=True):
@@ -85,15 +84,8 @@ class SQLiteLog(Generic[T]):
                 new_ids.add(record_id)
                 fresh_ids.append(record_id)
                 body = value.model_dump_json().encode()
-                fresh.append(
-                    StoredEvent(
-                        originator_id=record_id,
-                        originator_version=0,
-                        topic=self._topic(value),
-                        state=stamp + body,
-                    )
-                )
-            positions = self.recorder._insert_events(cursor, fresh) or []
+                rows.append((record_id, 0, self._topic(value), stamp + body))
+            positions = self._insert(cursor, rows)
         new_positions = dict(zip(fresh_ids, positions, strict=True))
         outcomes: list[Appended] = []
         seen: set[str] = set()
@@ -105,6 +97,19 @@ class SQLiteLog(Generic[T]):
                 outcomes.append(Appended(record_id, position, duplicate=True))
             seen.add(record_id)
         return outcomes
+
+    def _insert(self, cursor: Any, rows: list[tuple[str, int, str, bytes]]) -> list[int]:
+        """Inserts rows as the recorder's `StoredEvent` tuples in one statement.
+
+        Inside the write transaction nobody else inserts, and SQLite gives each new row the
+        largest rowid plus one, so the batch occupies the positions just below the new maximum.
+        """
+        if not rows:
+            return []
+        cursor.executemany(self.recorder.insert_events_statement, rows)
+        cursor.execute(f"SELECT MAX(rowid) FROM {self._table}")
+        last = int(cursor.fetchone()[0])
+        return list(range(last - len(rows) + 1, last + 1))
 
     def read(self, start: int, limit: int) -> list[LogRecord[T]]:
         notifications = self.recorder.select_notifications(start, limit)
