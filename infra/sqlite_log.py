@@ -10,7 +10,7 @@ the record's JSON; the topic column holds its type, so decoding picks the model 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic
@@ -122,6 +122,14 @@ class SQLiteLog(Generic[T]):
                 LogRecord(n.id, parse_time(state[:32].decode()), decode(n.topic, state[32:]))
             )
         return out
+
+    def values(self, start: int = 1, topics: Sequence[str] = ()) -> Iterator[T]:
+        """Every record's value from `start` on, of the given types only (all if none)."""
+        position = start
+        while notifications := self.recorder.select_notifications(position, 5000, topics=topics):
+            for n in notifications:
+                yield self._decode(n.topic, n.state[32:])
+            position = notifications[-1].id + 1
 
     def head(self) -> int:
         return self.recorder.max_notification_id() or 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,11 +17,13 @@ from loopservice.infra.api import create_app
 from loopservice.infra.dashboard import dashboard_router
 from loopservice.infra.dead_letters import DeadLetterStore
 from loopservice.infra.metrics import Metrics
+from loopservice.infra.read_api import read_router
 from loopservice.infra.settings import Settings
 from loopservice.infra.sqlite_log import SQLiteLog, interaction_log, open_datastore, signal_log
 from loopservice.policy_cli import default_policy
 from loopservice.streams.clock import Clock, WallClock
 from loopservice.streams.engine import EmbeddedEngine
+from loopservice.streams.explain import EXPLAIN_TOPICS, explain_case
 from loopservice.streams.log import LogRecord
 from loopservice.streams.processors import CaseStateProcessor, HandoffProcessor, SlaProcessor
 from loopservice.streams.rules import RulesBook
@@ -91,13 +94,18 @@ def build_app(system: System, routers: Sequence[APIRouter] = (), speedup: float 
         mine = [r.value.model_dump(mode="json") for r in recent if r.value.tenant_id == tenant]
         return mine[-limit:][::-1]
 
-    dashboard = dashboard_router(board, latest_signals, system.clock.now, speedup)
+    def explanation(tenant: str, case_id: str) -> dict[str, Any] | None:
+        rules: RulesBook[Policy] = RulesBook(default_policy(), policy_from_mapping)
+        found = explain_case(system.log.values(topics=EXPLAIN_TOPICS), tenant, case_id, rules)
+        return dataclasses.asdict(found) if found is not None else None
+
+    read = read_router(board, latest_signals, explanation, system.clock.now, speedup)
     return create_app(
         system.settings,
         system.log,
         clock=system.clock,
         metrics=system.metrics,
-        routers=[dashboard, *routers],
+        routers=[read, dashboard_router(), *routers],
     )
 
 

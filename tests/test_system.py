@@ -83,3 +83,19 @@ def test_dashboard_page_is_served(tmp_path: Path) -> None:
     page = client.get("/")
     assert page.status_code == 200
     assert "/v1/board" in page.text
+
+
+def test_explain_endpoint_gives_the_priority_rule_and_is_tenant_scoped(tmp_path: Path) -> None:
+    system, client, _ = system_and_client(tmp_path)
+    opened = raw_event(
+        "case.opened", 0, subject="Login fails", topic="login", impact="critical", urgency="high"
+    )
+    assert client.post("/v1/events", json=[opened], headers=auth(ACME_ALL)).status_code == 202
+    found = client.get("/v1/cases/c1/explain", headers=auth(ACME_READ))
+    assert found.status_code == 200
+    body = found.json()
+    assert body["priority"] == "P1"
+    assert body["priority_rule"].startswith("matrix[critical][high]")
+    assert {c["metric"] for c in body["clocks"]} == {"first_response", "resolution"}
+    assert client.get("/v1/cases/c1/explain", headers=auth(GLOBEX_READ)).status_code == 404
+    assert client.get("/v1/cases/nope/explain", headers=auth(ACME_READ)).status_code == 404

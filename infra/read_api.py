@@ -1,0 +1,56 @@
+"""The read API: live SLA board, latest signals and case explanations, per tenant.
+
+Each route needs the `read` scope and answers only with the caller's tenant's data. The data
+comes from callables the composition root wires (engine state, signal log, log replay), so this
+module stays an adapter that only translates HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi.concurrency import run_in_threadpool
+
+from loopservice.infra.auth import Principal, require_scope
+
+BoardSource = Callable[[str], list[dict[str, Any]]]
+SignalSource = Callable[[str, int], list[dict[str, Any]]]
+Explainer = Callable[[str, str], dict[str, Any] | None]
+
+Reader = Annotated[Principal, Depends(require_scope("read"))]
+
+
+def read_router(
+    board: BoardSource,
+    signals: SignalSource,
+    explain: Explainer,
+    now: Callable[[], datetime],
+    speedup: float,
+) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["read"])
+
+    @router.get("/board")
+    async def get_board(principal: Reader) -> dict[str, Any]:
+        """Running SLA clocks, nearest deadline first, with the server's now and clock speed."""
+        rows = await run_in_threadpool(board, principal.tenant)
+        return {"now": now().isoformat(), "speedup": speedup, "clocks": rows}
+
+    @router.get("/signals")
+    async def get_signals(
+        principal: Reader, limit: Annotated[int, Query(ge=1, le=500)] = 50
+    ) -> dict[str, Any]:
+        """The latest derived signals, newest first."""
+        return {"signals": await run_in_threadpool(signals, principal.tenant, limit)}
+
+    @router.get("/cases/{case_id}/explain")
+    async def get_explanation(case_id: str, principal: Reader) -> dict[str, Any]:
+        """The priority rule, deadlines, pauses and calendar segments of a case."""
+        found = await run_in_threadpool(explain, principal.tenant, case_id)
+        if found is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no case {case_id!r}")
+        return found
+
+    return router
