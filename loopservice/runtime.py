@@ -101,8 +101,8 @@ def run_command(host: str | None, port: int | None, db: Path | None) -> None:
 
 
 @click.command("demo")
-@click.option("--accounts", default=60, show_default=True, help="Simulated customer accounts.")
-@click.option("--days", default=21, show_default=True, help="Simulated days to stream.")
+@click.option("--accounts", default=300, show_default=True, help="Simulated customer accounts.")
+@click.option("--days", default=30, show_default=True, help="Simulated days to stream.")
 @click.option("--seed", default=7, show_default=True, help="Simulation seed.")
 @click.option(
     "--speedup",
