@@ -13,6 +13,8 @@ from rich.console import Console
 from loopservice.domain.events import Event
 from loopservice.domain.policy import Policy, policy_from_mapping
 from loopservice.domain.signals import Signal
+from loopservice.infra.alerts import AckFollower, Outbox
+from loopservice.infra.alerts_api import alerts_router
 from loopservice.infra.api import create_app
 from loopservice.infra.dashboard import dashboard_router
 from loopservice.infra.dead_letters import DeadLetterStore
@@ -42,6 +44,7 @@ class System:
     handoffs: HandoffProcessor
     engine: EmbeddedEngine
     metrics: Metrics
+    outbox: Outbox
 
 
 def build_system(settings: Settings, clock: Clock | None = None) -> System:
@@ -52,6 +55,7 @@ def build_system(settings: Settings, clock: Clock | None = None) -> System:
     dead_letters = DeadLetterStore(datastore, clock)
     rules: RulesBook[Policy] = RulesBook(default_policy(), policy_from_mapping)
     cases, sla, handoffs = CaseStateProcessor(), SlaProcessor(rules), HandoffProcessor(rules)
+    outbox = Outbox(datastore, rules.in_force, clock)
 
     def dead_letter(record: LogRecord[Event], processor: str, exc: Exception) -> None:
         dead_letters.add(
@@ -65,9 +69,10 @@ def build_system(settings: Settings, clock: Clock | None = None) -> System:
     engine = EmbeddedEngine(
         log,
         signals,
-        [cases, sla, handoffs],
+        [cases, sla, handoffs, AckFollower(outbox)],
         allowed_lateness=settings.allowed_lateness,
         on_failure=dead_letter,
+        sinks=[outbox.enqueue],
     )
     metrics = Metrics()
     engine.sinks.append(metrics.count_signals)
@@ -79,7 +84,18 @@ def build_system(settings: Settings, clock: Clock | None = None) -> System:
     metrics.open_clocks.set_function(open_clocks)
     metrics.engine_position.set_function(lambda: engine.position)
     return System(
-        settings, clock, log, signals, dead_letters, rules, cases, sla, handoffs, engine, metrics
+        settings,
+        clock,
+        log,
+        signals,
+        dead_letters,
+        rules,
+        cases,
+        sla,
+        handoffs,
+        engine,
+        metrics,
+        outbox,
     )
 
 
@@ -105,7 +121,12 @@ def build_app(system: System, routers: Sequence[APIRouter] = (), speedup: float 
         system.log,
         clock=system.clock,
         metrics=system.metrics,
-        routers=[read, dashboard_router(), *routers],
+        routers=[
+            read,
+            alerts_router(system.outbox, system.log.append, system.clock),
+            dashboard_router(),
+            *routers,
+        ],
     )
 
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from loopservice.bootstrap import System, build_app, build_system, console_sink
+from loopservice.infra.alerts import AlertMetrics, Dispatcher
 from loopservice.infra.settings import Settings, load_tokens
 from loopservice.simulator import generate
 from loopservice.simulator_world import SimulationConfig
@@ -52,8 +53,12 @@ async def serve(
     """Runs the live engine and the API until interrupted, or until `exit_when` is set."""
     stop = asyncio.Event()
     app = build_app(system, speedup=speedup)
+    dispatcher = Dispatcher(
+        system.outbox, clock, console=console, metrics=AlertMetrics(system.metrics.registry)
+    )
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     engine = asyncio.create_task(system.engine.run_live(clock, stop))
+    alerts = asyncio.create_task(dispatcher.run(stop))
     tasks = [asyncio.create_task(server.serve())]
     if feeder is not None:
         tasks.append(asyncio.create_task(feeder))
@@ -70,7 +75,7 @@ async def serve(
         stop.set()
         for task in tasks[1:]:
             task.cancel()
-        await asyncio.gather(engine, *tasks[1:], return_exceptions=True)
+        await asyncio.gather(engine, alerts, *tasks[1:], return_exceptions=True)
 
 
 def _link(settings: Settings, host: str, port: int) -> str:
