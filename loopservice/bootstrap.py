@@ -131,18 +131,16 @@ def build_app(system: System, routers: Sequence[APIRouter] = (), speedup: float 
 
 
 def console_sink(console: Console) -> Callable[[Sequence[Signal]], None]:
-    """Prints SLA warnings, breaches and rule violations as they are derived (the demo's pager)."""
+    """The demo's feed: one short dim line per derived signal (alerts print on their own)."""
 
     def show(signals: Sequence[Signal]) -> None:
         for s in signals:
-            style = {"sla.breached": "bold red", "sla.warning": "yellow"}.get(s.type, "cyan")
             what = getattr(s, "metric", None) or getattr(s, "rule", "")
-            extra = f" {s.threshold_pct}%" if hasattr(s, "threshold_pct") else ""
-            due = getattr(s, "due_at", None)
-            when = f" due {due:%a %H:%M}" if due else ""
+            pct = getattr(s, "threshold_pct", None)
             console.print(
-                f"[{style}]{s.type:<22}[/] {s.tenant_id}/{s.case_id} {what}{extra}{when}"
-                f" ({getattr(s, 'priority', '')})"
+                f"[dim]signal {s.type} {s.case_id or s.account_id} {what}"
+                f"{f' {pct}%' if pct else ''}[/]",
+                highlight=False,
             )
 
     return show

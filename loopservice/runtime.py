@@ -99,7 +99,6 @@ def run_command(host: str | None, port: int | None, db: Path | None) -> None:
         http_host=host, http_port=port, log_url=f"sqlite:///{db}" if db else None
     )
     system = build_system(settings, WallClock())
-    system.engine.sinks.append(console_sink(console))
     replay_existing(system)
     console.print(f"Loop Service on {_link(settings, settings.http_host, settings.http_port)}")
     asyncio.run(serve(system, system.clock, host=settings.http_host, port=settings.http_port))
