@@ -37,3 +37,9 @@ test: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+## A real single-node Kafka broker (KRaft) on 127.0.0.1:9092, data in var/kafka; the first run
+## fetches Kafka's jars from Maven Central. Stop it with `infra/kafka/kafka.sh down`.
+.PHONY: kafka
+kafka:
+	infra/kafka/kafka.sh up

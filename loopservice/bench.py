@@ -220,7 +220,13 @@ def _case_events(n_cases: int, t0: datetime) -> list[Event]:
     show_default=True,
     help="Events to push through the SLA processor for the rate.",
 )
-def bench_sla(clocks: int, n_events: int) -> None:
+@click.option(
+    "--deliveries",
+    default=10_000,
+    show_default=True,
+    help="Breach alerts due at once, delivered to a local signed-webhook receiver (0: skip).",
+)
+def bench_sla(clocks: int, n_events: int, deliveries: int) -> None:
     """Memory per open SLA clock, and events/s through the SLA processor (one core).
 
     Uses the shipped default policy, so every deadline is computed on a real business
@@ -279,4 +285,16 @@ def bench_sla(clocks: int, n_events: int) -> None:
         "memory per open clock (incl. queue)", f"{used / open_clocks:,.0f} B", "≤ 1,024 B"
     )
     table.add_row("events/s through the SLA processor", f"{rate:,.0f}", "≥ 50,000")
+    if deliveries:
+        import asyncio
+
+        from loopservice.bench_alerts import measure_delivery
+
+        console.print(f"delivering {deliveries:,} breach alerts due at once…")
+        d = asyncio.run(measure_delivery(deliveries))
+        label = f"deadline → delivered, {deliveries:,} due at once"
+        table.add_row(f"{label}: p50", f"{d['p50_s']:.3f} s", "")
+        table.add_row(f"{label}: p99", f"{d['p99_s']:.3f} s", "≤ 1 s")
+        table.add_row(f"{label}: max", f"{d['max_s']:.3f} s", "")
+        table.add_row("webhook deliveries/s", f"{d['per_s']:,.0f}", "")
     Console().print(table)
