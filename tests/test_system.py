@@ -86,7 +86,7 @@ def test_dashboard_page_is_served(tmp_path: Path) -> None:
 
 
 def test_explain_endpoint_gives_the_priority_rule_and_is_tenant_scoped(tmp_path: Path) -> None:
-    system, client, _ = system_and_client(tmp_path)
+    _, client, _ = system_and_client(tmp_path)
     opened = raw_event(
         "case.opened", 0, subject="Login fails", topic="login", impact="critical", urgency="high"
     )
