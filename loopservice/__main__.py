@@ -1,0 +1,3 @@
+from loopservice.cli import main
+
+main()
