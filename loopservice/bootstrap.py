@@ -27,6 +27,11 @@ from loopservice.streams.clock import Clock, WallClock
 from loopservice.streams.engine import EmbeddedEngine
 from loopservice.streams.explain import EXPLAIN_TOPICS, explain_case
 from loopservice.streams.log import LogRecord
+from loopservice.streams.pattern_processors import (
+    CasePatternProcessor,
+    FollowupProcessor,
+    TopicSurgeProcessor,
+)
 from loopservice.streams.processors import CaseStateProcessor, HandoffProcessor, SlaProcessor
 from loopservice.streams.rules import RulesBook
 
@@ -69,7 +74,15 @@ def build_system(settings: Settings, clock: Clock | None = None) -> System:
     engine = EmbeddedEngine(
         log,
         signals,
-        [cases, sla, handoffs, AckFollower(outbox)],
+        [
+            cases,
+            sla,
+            handoffs,
+            CasePatternProcessor(),
+            TopicSurgeProcessor(),
+            FollowupProcessor(),
+            AckFollower(outbox),
+        ],
         allowed_lateness=settings.allowed_lateness,
         on_failure=dead_letter,
         sinks=[outbox.enqueue],

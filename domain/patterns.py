@@ -1,0 +1,447 @@
+"""Pattern detectors: repeat contact, reopen loops, handoff ping-pong, stale waiting, surges.
+
+Each detector is a decider: a state, a fold of one event into it that returns the signals the
+event causes at once, and (for the timer-based ones) the instant at which something may follow
+and what follows then. No I/O, no wall clock: time is the events' `occurred_at` and the
+watermark the engine passes in.
+
+A signal is identified by what it found (`pattern/<name>/<tenant>/<subject>`), never by when it
+was noticed, and names as evidence the events that show it.
+
+- repeat_contact: an account opens a case on a topic within `repeat_contact_days` of its
+  previous case on that topic. One signal per repeat case.
+- reopen_loop: a case reopened `reopen_loop_min` times. Once per case.
+- handoff_pingpong: a handoff back to a team the case was handed away from (A→B→A), or the
+  case's `handoff_pingpong_max`-th handoff. Once per case.
+- stale_waiting: a case sits in waiting_on_customer while the latest message on it is the
+  customer's, for `stale_waiting_grace_hours` of event time. Once per such episode (identity
+  names the instant the episode began).
+- topic_surge: per tenant and topic, the cases opened in the sliding `surge_window_minutes`
+  number at least `surge_min_count` and exceed mean + `surge_k`·s, where mean and std are those
+  of the same window's count over the previous `surge_baseline_days` (bucketed counts this
+  detector owns) and s = max(std, √mean), the spread of a Poisson count, so a steady rate never
+  fires. Once per episode: the detector re-arms only when the window count has fallen back to
+  mean + `surge_rearm_k`·s.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right, insort
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from loopservice.domain.events import (
+    ActorKind,
+    AgentReplied,
+    CaseClosed,
+    CaseMerged,
+    CaseOpened,
+    CaseReopened,
+    CaseResolved,
+    CaseStatus,
+    CustomerMessage,
+    Event,
+    HandedOff,
+    StatusChanged,
+    Team,
+)
+from loopservice.domain.signals import PatternDetected
+
+TENANT_WIDE = "*"  # account_id of a signal about a whole tenant (a surge spans accounts)
+
+
+class PatternRules(BaseModel):
+    """Thresholds of the detectors and of the inner loop (a candidate `[patterns]` policy
+    section; until then these defaults apply)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: str = "patterns.1"
+    repeat_contact_days: float = Field(default=7, gt=0)
+    reopen_loop_min: int = Field(default=2, ge=1)
+    handoff_pingpong_max: int = Field(default=3, ge=2)
+    stale_waiting_grace_hours: float = Field(default=4, gt=0)
+    surge_window_minutes: int = Field(default=120, gt=0)
+    surge_bucket_minutes: int = Field(default=15, gt=0)
+    surge_baseline_days: int = Field(default=14, ge=1)
+    surge_season: Literal["none", "day", "week"] = "none"
+    surge_k: float = Field(default=3.0, ge=0)
+    surge_rearm_k: float = Field(default=1.0, ge=0)
+    surge_min_count: int = Field(default=5, ge=1)
+    surge_min_history_hours: float = Field(default=24, ge=0)
+    surge_evidence_max: int = Field(default=10, ge=1)
+    # inner loop (domain/followups.py)
+    nps_detractor_max: int = Field(default=6, ge=0, le=10)
+    csat_detractor_max: int = Field(default=2, ge=1, le=5)
+    followup_due_hours: float = Field(default=48, gt=0)
+    followup_closed_by_recovery: bool = True
+
+
+DEFAULT_RULES = PatternRules()
+
+
+def signal(
+    pattern: str,
+    subject: str,
+    *,
+    tenant_id: str,
+    account_id: str,
+    case_id: str | None,
+    key: str,
+    at: datetime,
+    evidence: tuple[str, ...],
+    detail: str,
+    rules: PatternRules,
+) -> PatternDetected:
+    return PatternDetected(
+        signal_id=f"pattern/{pattern}/{tenant_id}/{subject}",
+        tenant_id=tenant_id,
+        account_id=account_id,
+        case_id=case_id,
+        detected_at=at,
+        caused_by=evidence,
+        policy_version=rules.version,
+        pattern=pattern,
+        key=key,
+        evidence=evidence,
+        detail=detail,
+    )
+
+
+def span(seconds: float) -> str:
+    """A duration for people: `2d 3h 4m`."""
+    minutes = int(seconds // 60)
+    days, minutes = divmod(minutes, 1440)
+    hours, minutes = divmod(minutes, 60)
+    parts = [f"{days}d"] if days else []
+    if hours or days:
+        parts.append(f"{hours}h")
+    parts.append(f"{minutes}m")
+    return " ".join(parts)
+
+
+# --- repeat contact ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LastOpen:
+    at: datetime
+    case_id: str
+    event_id: str
+
+
+def repeat_contact(
+    last: LastOpen | None, event: CaseOpened, rules: PatternRules
+) -> tuple[LastOpen, list[PatternDetected]]:
+    """The account/topic's latest case after `event`, and the repeat it shows, if any."""
+    assert event.case_id is not None
+    this = LastOpen(event.occurred_at, event.case_id, event.event_id)
+    if last is None:
+        return this, []
+    newest = this if this.at >= last.at else last
+    earlier, later = (last, this) if this is newest else (this, last)
+    gap = (later.at - earlier.at).total_seconds()
+    if gap > rules.repeat_contact_days * 86_400:
+        return newest, []
+    key = f"{event.account_id}/{event.topic}"
+    return newest, [
+        signal(
+            "repeat_contact",
+            f"{key}/{later.case_id}",
+            tenant_id=event.tenant_id,
+            account_id=event.account_id,
+            case_id=later.case_id,
+            key=key,
+            at=event.occurred_at,
+            evidence=(earlier.event_id, later.event_id),
+            detail=(
+                f"case {later.case_id} on {event.topic} opened {span(gap)} after case "
+                f"{earlier.case_id}"
+            ),
+            rules=rules,
+        )
+    ]
+
+
+# --- one case: reopen loop, handoff ping-pong, stale waiting ------------------------------
+
+
+@dataclass(slots=True)
+class CaseWatch:
+    tenant_id: str
+    account_id: str
+    case_id: str
+    team: Team
+    active: bool = True  # not resolved, closed or merged
+    status: CaseStatus = CaseStatus.OPEN
+    reopens: tuple[str, ...] = ()
+    handoffs: tuple[str, ...] = ()
+    left_teams: frozenset[Team] = frozenset()  # teams the case was handed away from
+    reopen_flagged: bool = False
+    pingpong_flagged: bool = False
+    customer_spoke_last: bool = False
+    last_message: tuple[datetime, str] | None = None  # the latest customer message
+    waiting: tuple[datetime, str] | None = None  # the change to waiting_on_customer
+    stale_since: datetime | None = None
+    stale_cause: tuple[str, ...] = ()
+    stale_fired: datetime | None = None
+    scheduled: datetime | None = None  # the stale_since whose timer is already queued
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.tenant_id, self.case_id)
+
+
+def watch_case(event: CaseOpened) -> CaseWatch:
+    assert event.case_id is not None
+    case = CaseWatch(event.tenant_id, event.account_id, event.case_id, event.team)
+    if event.actor.kind is ActorKind.CUSTOMER:
+        case.customer_spoke_last = True
+        case.last_message = (event.occurred_at, event.event_id)
+    return case
+
+
+def evolve_case(case: CaseWatch, event: Event, rules: PatternRules) -> list[PatternDetected]:
+    """Folds one event of the case; returns the reopen loop or ping-pong it shows."""
+    out: list[PatternDetected] = []
+    match event:
+        case CustomerMessage():
+            case.customer_spoke_last = True
+            case.last_message = (event.occurred_at, event.event_id)
+        case AgentReplied():
+            case.customer_spoke_last = False
+        case StatusChanged():
+            case.status = event.status
+            if event.status is CaseStatus.WAITING_ON_CUSTOMER:
+                case.waiting = (event.occurred_at, event.event_id)
+        case CaseResolved() | CaseClosed() | CaseMerged():
+            case.active = False
+        case CaseReopened():
+            case.active, case.status = True, CaseStatus.OPEN
+            case.reopens = (*case.reopens, event.event_id)
+            if not case.reopen_flagged and len(case.reopens) >= rules.reopen_loop_min:
+                case.reopen_flagged = True
+                why = f"reopened {len(case.reopens)} times"
+                out.append(_case_signal("reopen_loop", case, event, case.reopens, why, rules))
+        case HandedOff():
+            back = event.to_team in case.left_teams
+            case.handoffs = (*case.handoffs, event.event_id)
+            case.left_teams = case.left_teams | {event.from_team}
+            case.team = event.to_team
+            many = len(case.handoffs) >= rules.handoff_pingpong_max
+            if not case.pingpong_flagged and (back or many):
+                case.pingpong_flagged = True
+                why = (
+                    f"handed back to {event.to_team.value}, which it had left"
+                    if back
+                    else f"{len(case.handoffs)} handoffs"
+                )
+                out.append(_case_signal("handoff_pingpong", case, event, case.handoffs, why, rules))
+    _restale(case)
+    return out
+
+
+def _case_signal(
+    pattern: str,
+    case: CaseWatch,
+    event: Event,
+    evidence: tuple[str, ...],
+    detail: str,
+    rules: PatternRules,
+) -> PatternDetected:
+    return signal(
+        pattern,
+        case.case_id,
+        tenant_id=case.tenant_id,
+        account_id=case.account_id,
+        case_id=case.case_id,
+        key=case.case_id,
+        at=event.occurred_at,
+        evidence=evidence,
+        detail=detail,
+        rules=rules,
+    )
+
+
+def _restale(case: CaseWatch) -> None:
+    stale = (
+        case.active
+        and case.status is CaseStatus.WAITING_ON_CUSTOMER
+        and case.customer_spoke_last
+        and case.waiting is not None
+        and case.last_message is not None
+    )
+    if not stale:
+        case.stale_since, case.stale_cause = None, ()
+        return
+    if case.stale_since is None:
+        assert case.waiting is not None and case.last_message is not None
+        case.stale_since = max(case.waiting[0], case.last_message[0])
+        case.stale_cause = (case.waiting[1], case.last_message[1])
+
+
+def stale_due(case: CaseWatch, rules: PatternRules) -> datetime | None:
+    """When the case's current stale episode is due to be signalled, if it has one."""
+    if case.stale_since is None or case.stale_fired == case.stale_since:
+        return None
+    return case.stale_since + timedelta(hours=rules.stale_waiting_grace_hours)
+
+
+def fire_stale(
+    case: CaseWatch, since: datetime, at: datetime, rules: PatternRules
+) -> PatternDetected | None:
+    """The stale_waiting signal of a timer queued for episode `since`, or None if it ended."""
+    if case.stale_since != since or case.stale_fired == since:
+        return None
+    case.stale_fired = since
+    return signal(
+        "stale_waiting",
+        f"{case.case_id}/{since.isoformat()}",
+        tenant_id=case.tenant_id,
+        account_id=case.account_id,
+        case_id=case.case_id,
+        key=case.case_id,
+        at=at,
+        evidence=case.stale_cause,
+        detail=(
+            f"waiting on customer since the customer replied, for "
+            f"{span((at - since).total_seconds())}"
+        ),
+        rules=rules,
+    )
+
+
+# --- topic surge -------------------------------------------------------------------------
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(slots=True)
+class TopicRate:
+    """Cases opened on one tenant's topic: exact instants over the current window, bucketed
+    counts over the baseline."""
+
+    buckets: dict[int, int] = field(default_factory=dict)
+    recent: list[tuple[datetime, str, str]] = field(default_factory=list)  # at, event, case
+    armed: bool = True
+    newest: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    mean: float
+    std: float
+    samples: int
+
+
+def baseline(
+    rate: TopicRate, at: datetime, history_from: datetime, rules: PatternRules
+) -> Baseline:
+    """Mean and std of the window's count over the previous `surge_baseline_days`, sampled
+    every window length (season "none"), or at the same time of day/week (season)."""
+    bucket_s = rules.surge_bucket_minutes * 60
+    width = max(1, rules.surge_window_minutes // rules.surge_bucket_minutes)
+    stride = {"none": width, "day": 86_400 // bucket_s, "week": 7 * 86_400 // bucket_s}[
+        rules.surge_season
+    ]
+    now = _bucket(at, bucket_s)
+    first = _bucket(history_from, bucket_s)
+    n = rules.surge_baseline_days * 86_400 // bucket_s // stride
+    buckets = rate.buckets
+    total = square = 0.0
+    samples = 0
+    for j in range(1, n + 1):
+        end = now - j * stride
+        if end - width + 1 < first:
+            break
+        count = sum(buckets.get(b, 0) for b in range(end - width + 1, end + 1))
+        total += count
+        square += count * count
+        samples += 1
+    if samples == 0:
+        return Baseline(0.0, 0.0, 0)
+    mean = total / samples
+    return Baseline(mean, math.sqrt(max(0.0, square / samples - mean * mean)), samples)
+
+
+def surge(
+    rate: TopicRate, event: CaseOpened, history_from: datetime, rules: PatternRules
+) -> list[PatternDetected]:
+    """Folds one opened case into its topic's rate; returns the surge it starts, if any."""
+    assert event.case_id is not None
+    at = event.occurred_at
+    window = timedelta(minutes=rules.surge_window_minutes)
+    bucket_s = rules.surge_bucket_minutes * 60
+    recent = rate.recent
+    before = _in_window(recent, at, window)
+    insort(recent, (at, event.event_id, event.case_id))
+    b = _bucket(at, bucket_s)
+    rate.buckets[b] = rate.buckets.get(b, 0) + 1
+    rate.newest = at if rate.newest is None or at > rate.newest else rate.newest
+    _prune(rate, rate.newest, window, bucket_s, rules)
+    base = baseline(rate, at, history_from, rules)
+    if not rate.armed:
+        if before <= base.mean + rules.surge_rearm_k * base.std:
+            rate.armed = True
+        else:
+            return []
+    if (at - history_from).total_seconds() < rules.surge_min_history_hours * 3600:
+        return []
+    count = before + 1
+    spread = max(base.std, math.sqrt(base.mean))  # counts vary at least as Poisson counts do
+    threshold = base.mean + rules.surge_k * spread
+    if count < rules.surge_min_count or count <= threshold:
+        return []
+    rate.armed = False
+    inside = [r for r in recent if at - window < r[0] <= at]
+    onset = inside[0][0]
+    sample = inside[: rules.surge_evidence_max - 1] + [r for r in inside[-1:]]
+    evidence = tuple(dict.fromkeys(r[1] for r in sample))
+    key = f"{event.tenant_id}/{event.topic}"
+    return [
+        signal(
+            "topic_surge",
+            f"{event.topic}/{onset.isoformat()}",
+            tenant_id=event.tenant_id,
+            account_id=TENANT_WIDE,
+            case_id=None,
+            key=key,
+            at=at,
+            evidence=evidence,
+            detail=(
+                f"{count} cases on {event.topic} in {rules.surge_window_minutes} min "
+                f"(baseline mean {base.mean:.2f}, std {base.std:.2f} over {base.samples} windows; "
+                f"above {threshold:.2f}, at least {rules.surge_min_count}); cases "
+                + ", ".join(r[2] for r in inside[: rules.surge_evidence_max])
+            ),
+            rules=rules,
+        )
+    ]
+
+
+def _bucket(at: datetime, bucket_s: int) -> int:
+    return int((at - _EPOCH).total_seconds()) // bucket_s
+
+
+def _in_window(recent: list[tuple[datetime, str, str]], at: datetime, window: timedelta) -> int:
+    hi = bisect_right(recent, at, key=lambda r: r[0])
+    lo = bisect_right(recent, at - window, key=lambda r: r[0])
+    return hi - lo
+
+
+def _prune(
+    rate: TopicRate, newest: datetime, window: timedelta, bucket_s: int, rules: PatternRules
+) -> None:
+    horizon = newest - 2 * window
+    cut = bisect_right(rate.recent, horizon, key=lambda r: r[0])
+    if cut:
+        del rate.recent[:cut]
+    keep = (rules.surge_baseline_days * 86_400 + 2 * rules.surge_window_minutes * 60) // bucket_s
+    if len(rate.buckets) > keep:
+        oldest = _bucket(newest, bucket_s) - keep
+        for b in [b for b in rate.buckets if b < oldest]:
+            del rate.buckets[b]

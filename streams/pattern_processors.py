@@ -1,0 +1,171 @@
+"""Processors around the pattern detectors and the inner loop, written once for both engines.
+
+`CasePatternProcessor` and `FollowupProcessor` keep per-account state (partition-local under
+Kafka's `account_id` key); `TopicSurgeProcessor` counts across a tenant's accounts, so under
+Kafka it needs the opened cases re-keyed by tenant. Timers wait in a heap, lazily invalidated
+like the SLA processor's: an entry whose episode has ended is dropped when it comes up.
+"""
+
+from __future__ import annotations
+
+import heapq
+from datetime import datetime
+from itertools import count
+
+from loopservice.domain import followups, patterns
+from loopservice.domain.events import (
+    AccountUpdated,
+    AgentReplied,
+    CaseOpened,
+    Event,
+    NoteAdded,
+    SurveyAnswered,
+)
+from loopservice.domain.patterns import PatternRules
+from loopservice.domain.signals import Signal
+
+_CASE_TYPES = frozenset(
+    {
+        "case.customer_message",
+        "case.agent_replied",
+        "case.status_changed",
+        "case.handed_off",
+        "case.resolved",
+        "case.reopened",
+        "case.closed",
+        "case.merged",
+    }
+)
+
+
+class CasePatternProcessor:
+    """repeat_contact, reopen_loop, handoff_pingpong and (timer) stale_waiting."""
+
+    name = "case-patterns"
+
+    def __init__(self, rules: PatternRules | None = None) -> None:
+        self.rules = rules or PatternRules()
+        self.last_open: dict[tuple[str, str, str], patterns.LastOpen] = {}
+        self.cases: dict[tuple[str, str], patterns.CaseWatch] = {}
+        self._queue: list[tuple[datetime, int, tuple[str, str], datetime]] = []
+        self._seq = count()
+
+    def handle(self, event: Event) -> list[Signal]:
+        if isinstance(event, CaseOpened):
+            assert event.case_id is not None
+            key = (event.tenant_id, event.case_id)
+            if key in self.cases:
+                return []
+            self.cases[key] = patterns.watch_case(event)
+            topic = (event.tenant_id, event.account_id, event.topic)
+            self.last_open[topic], found = patterns.repeat_contact(
+                self.last_open.get(topic), event, self.rules
+            )
+            return list(found)
+        if event.type not in _CASE_TYPES or event.case_id is None:
+            return []
+        case = self.cases.get((event.tenant_id, event.case_id))
+        if case is None:
+            return []
+        out: list[Signal] = list(patterns.evolve_case(case, event, self.rules))
+        if event.type in ("case.closed", "case.merged"):
+            del self.cases[case.key]  # resolved cases stay: they may be reopened
+            return out
+        due = patterns.stale_due(case, self.rules)
+        if due is not None and case.stale_since != case.scheduled:
+            case.scheduled = case.stale_since
+            assert case.stale_since is not None
+            heapq.heappush(self._queue, (due, next(self._seq), case.key, case.stale_since))
+        return out
+
+    def advance(self, watermark: datetime) -> list[Signal]:
+        out: list[Signal] = []
+        queue = self._queue
+        while queue and queue[0][0] <= watermark:
+            due, _, key, since = heapq.heappop(queue)
+            case = self.cases.get(key)
+            if case is None:
+                continue
+            found = patterns.fire_stale(case, since, due, self.rules)
+            if found is not None:
+                out.append(found)
+        return out
+
+    def next_due(self) -> datetime | None:
+        return self._queue[0][0] if self._queue else None
+
+
+class TopicSurgeProcessor:
+    """topic_surge per tenant and topic, from bucketed counts this processor owns."""
+
+    name = "topic-surge"
+
+    def __init__(self, rules: PatternRules | None = None) -> None:
+        self.rules = rules or PatternRules()
+        self.rates: dict[tuple[str, str], patterns.TopicRate] = {}
+        self.history_from: dict[str, datetime] = {}
+
+    def handle(self, event: Event) -> list[Signal]:
+        if not isinstance(event, CaseOpened):
+            return []
+        first = self.history_from.get(event.tenant_id)
+        if first is None or event.occurred_at < first:
+            first = self.history_from[event.tenant_id] = event.occurred_at
+        key = (event.tenant_id, event.topic)
+        rate = self.rates.get(key)
+        if rate is None:
+            rate = self.rates[key] = patterns.TopicRate()
+        return list(patterns.surge(rate, event, first, self.rules))
+
+    def advance(self, watermark: datetime) -> list[Signal]:
+        return []
+
+    def next_due(self) -> datetime | None:
+        return None
+
+
+class FollowupProcessor:
+    """The inner loop: detractor follow-ups opened, closed, and (timer) overdue."""
+
+    name = "followups"
+
+    def __init__(self, rules: PatternRules | None = None) -> None:
+        self.rules = rules or PatternRules()
+        self.accounts: dict[tuple[str, str], followups.AccountLoop] = {}
+        self._queue: list[tuple[datetime, int, tuple[str, str], str]] = []
+        self._seq = count()
+
+    def handle(self, event: Event) -> list[Signal]:
+        if not isinstance(event, AccountUpdated | SurveyAnswered | NoteAdded | AgentReplied):
+            return []
+        key = (event.tenant_id, event.account_id)
+        loop = self.accounts.get(key)
+        if loop is None:
+            if not isinstance(event, AccountUpdated | SurveyAnswered):
+                return []  # nothing is owed on an account never surveyed or owned
+            loop = self.accounts[key] = followups.AccountLoop(event.tenant_id, event.account_id)
+        out: list[Signal] = list(followups.evolve(loop, event, self.rules))
+        if isinstance(event, SurveyAnswered):
+            opened = loop.open.get(event.event_id)
+            if opened is not None:
+                heapq.heappush(self._queue, (opened.due_at, next(self._seq), key, event.event_id))
+        return out
+
+    def advance(self, watermark: datetime) -> list[Signal]:
+        out: list[Signal] = []
+        queue = self._queue
+        while queue and queue[0][0] <= watermark:
+            _, _, key, survey_id = heapq.heappop(queue)
+            loop = self.accounts.get(key)
+            if loop is None:
+                continue
+            found = followups.fire_overdue(loop, survey_id, watermark, self.rules)
+            if found is not None:
+                out.append(found)
+        return out
+
+    def next_due(self) -> datetime | None:
+        return self._queue[0][0] if self._queue else None
+
+    def open_followups(self) -> int:
+        return sum(len(loop.open) for loop in self.accounts.values())
