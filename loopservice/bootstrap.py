@@ -19,10 +19,14 @@ from loopservice.infra.api import create_app
 from loopservice.infra.dashboard import dashboard_router
 from loopservice.infra.dead_letters import DeadLetterStore
 from loopservice.infra.metrics import Metrics
+from loopservice.infra.projections_api import projections_router
 from loopservice.infra.read_api import read_router
 from loopservice.infra.settings import Settings
 from loopservice.infra.sqlite_log import SQLiteLog, interaction_log, open_datastore, signal_log
 from loopservice.policy_cli import default_policy
+from loopservice.projections.queries import ProjectionQueries
+from loopservice.projections.runner import ProjectionRunner, default_folds
+from loopservice.projections.store import ProjectionStore
 from loopservice.streams.clock import Clock, WallClock
 from loopservice.streams.engine import EmbeddedEngine
 from loopservice.streams.explain import EXPLAIN_TOPICS, explain_case
@@ -50,6 +54,8 @@ class System:
     engine: EmbeddedEngine
     metrics: Metrics
     outbox: Outbox
+    projections: ProjectionRunner
+    queries: ProjectionQueries
 
 
 def build_system(settings: Settings, clock: Clock | None = None) -> System:
@@ -58,6 +64,9 @@ def build_system(settings: Settings, clock: Clock | None = None) -> System:
     log = interaction_log(datastore, clock)
     signals = signal_log(datastore, clock)
     dead_letters = DeadLetterStore(datastore, clock)
+    projection_store = ProjectionStore(datastore)
+    projections = ProjectionRunner(projection_store, log, signals, default_folds(default_policy()))
+    queries = ProjectionQueries(projection_store, log, signals, default_policy())
     rules: RulesBook[Policy] = RulesBook(default_policy(), policy_from_mapping)
     cases, sla, handoffs = CaseStateProcessor(), SlaProcessor(rules), HandoffProcessor(rules)
     outbox = Outbox(datastore, rules.in_force, clock)
@@ -109,6 +118,8 @@ def build_system(settings: Settings, clock: Clock | None = None) -> System:
         engine,
         metrics,
         outbox,
+        projections,
+        queries,
     )
 
 
@@ -137,6 +148,7 @@ def build_app(system: System, routers: Sequence[APIRouter] = (), speedup: float 
         routers=[
             read,
             alerts_router(system.outbox, system.log.append, system.clock),
+            projections_router(system.queries),
             dashboard_router(),
             *routers,
         ],

@@ -37,3 +37,7 @@ main.add_command(explain)
 from loopservice.alerts_cli import alerts  # noqa: E402
 
 main.add_command(alerts)
+
+from loopservice.projections_cli import projections  # noqa: E402
+
+main.add_command(projections)

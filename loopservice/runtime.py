@@ -59,6 +59,7 @@ async def serve(
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     engine = asyncio.create_task(system.engine.run_live(clock, stop))
     alerts = asyncio.create_task(dispatcher.run(stop))
+    projector = asyncio.create_task(system.projections.follow(stop))
     tasks = [asyncio.create_task(server.serve())]
     if feeder is not None:
         tasks.append(asyncio.create_task(feeder))
@@ -75,7 +76,7 @@ async def serve(
         stop.set()
         for task in tasks[1:]:
             task.cancel()
-        await asyncio.gather(engine, alerts, *tasks[1:], return_exceptions=True)
+        await asyncio.gather(engine, alerts, projector, *tasks[1:], return_exceptions=True)
 
 
 def _link(settings: Settings, host: str, port: int) -> str:

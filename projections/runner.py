@@ -1,0 +1,251 @@
+"""The projection runner: reads the interactions and signals logs from tracked positions, folds
+them into views, and commits each batch together with the positions it consumed.
+
+Each projection has two trackers (`interactions`, `signals`) per table version. A step reads the
+next range of positions of each log, decodes only the types the projection folds (the rest is
+skipped inside SQLite by topic), applies the folds and commits the view changes and both
+positions in one transaction (`ProjectionStore.commit`). A restart resumes at the tracked
+positions; the policy events before them are re-read so priorities use the policy in force.
+
+`rebuild(name)` folds the whole log into version n+1 of the tables while reads keep answering
+from version n, and flips the current version in the transaction of its last batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from loopservice.domain.events import Event, PolicyPublished
+from loopservice.domain.policy import Policy
+from loopservice.domain.signals import Signal
+from loopservice.infra.sqlite_log import SQLiteLog, decode_interaction, decode_signal
+from loopservice.projections.cases import CasesFold
+from loopservice.projections.context import INTERACTIONS, SIGNALS, ContextFold
+from loopservice.projections.store import ProjectionStore, StaleVersion, View, memory_view
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+
+class Fold(Protocol):
+    name: str
+    interaction_topics: tuple[str, ...]
+
+    def remember_policy(self, event: PolicyPublished) -> None: ...
+
+    def apply_event(self, view: View, position: int, event: Event) -> None: ...
+
+    def apply_signal(self, view: View, position: int, signal: Signal) -> None: ...
+
+
+FoldFactory = Callable[[], Fold]
+
+
+@dataclass
+class _Live:
+    fold: Fold
+    version: int
+    view: View
+    positions: dict[str, int]
+
+
+@dataclass(frozen=True)
+class RebuildResult:
+    name: str
+    version: int
+    events: int
+    seconds: float
+    checksum: str
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass
+class Step:
+    """What one batch consumed: positions scanned per log and records folded."""
+
+    scanned: dict[str, int] = field(default_factory=dict)
+    folded: int = 0
+
+
+class ProjectionRunner:
+    def __init__(
+        self,
+        store: ProjectionStore,
+        interactions: SQLiteLog[Event],
+        signals: SQLiteLog[Signal],
+        folds: dict[str, FoldFactory],
+        *,
+        batch: int = 5000,
+        rebuild_batch: int = 50_000,
+        max_cached: int = 200_000,
+    ) -> None:
+        self.store = store
+        self.interactions = interactions
+        self.signals = signals
+        self.factories = folds
+        self.batch = batch
+        self.rebuild_batch = rebuild_batch
+        self.max_cached = max_cached
+        self._live: dict[str, _Live] = {}
+
+    # --- following the logs --------------------------------------------------------------
+
+    def _open(self, name: str) -> _Live:
+        live = self._live.get(name)
+        current = self.store.current_version(name)
+        if live is not None and live.version == current:
+            return live
+        version = self.store.ensure(name)
+        live = self._start(name, version)
+        self._live[name] = live
+        return live
+
+    def _start(self, name: str, version: int) -> _Live:
+        fold = self.factories[name]()
+        positions = {
+            INTERACTIONS: self.store.position(name, version, INTERACTIONS),
+            SIGNALS: self.store.position(name, version, SIGNALS),
+        }
+        if positions[INTERACTIONS]:
+            for n in self.interactions.recorder.select_notifications(
+                1, 1_000_000, stop=positions[INTERACTIONS], topics=("policy.published",)
+            ):
+                event = decode_interaction(n.topic, n.state[32:])
+                assert isinstance(event, PolicyPublished)
+                fold.remember_policy(event)
+        return _Live(fold, version, View(self.store.loader(name, version)), positions)
+
+    def _step(
+        self, name: str, live: _Live, heads: dict[str, int], *, mode: str = "live",
+        batch: int | None = None,
+    ) -> Step:  # fmt: skip
+        """Folds the next range of each log (to the heads if `mode` is "switch") and commits it
+        with the positions; a failed commit drops the cached documents."""
+        step = Step()
+        batch = batch or self.batch
+        fold, view, positions = live.fold, live.view, live.positions
+        for log, source, topics in (
+            (INTERACTIONS, self.interactions, fold.interaction_topics),
+            (SIGNALS, self.signals, ()),
+        ):
+            start = positions[log] + 1
+            stop = heads[log] if mode == "switch" else min(start + batch - 1, heads[log])
+            if stop < start:
+                continue
+            position = start
+            while rows := source.recorder.select_notifications(
+                position, 5000, stop=stop, topics=topics
+            ):
+                if log == INTERACTIONS:
+                    for n in rows:
+                        fold.apply_event(view, n.id, decode_interaction(n.topic, n.state[32:]))
+                else:
+                    for n in rows:
+                        fold.apply_signal(view, n.id, decode_signal(n.topic, n.state[32:]))
+                step.folded += len(rows)
+                position = rows[-1].id + 1
+            step.scanned[log] = stop - start + 1
+        changed = {log: positions[log] + n for log, n in step.scanned.items()}
+        if changed or mode == "switch":
+            try:
+                self.store.commit(fold.name, live.version, view, changed, mode=mode)
+            except BaseException:
+                view.forget()  # the cache may hold changes that were never committed
+                self._live.pop(name, None)
+                raise
+            positions.update(changed)
+            if len(view.docs) > self.max_cached:
+                # Committed, so the tables hold every cached document: read them back on use.
+                view.load = self.store.loader(fold.name, live.version)
+                view.forget()
+        return step
+
+    def heads(self) -> dict[str, int]:
+        return {INTERACTIONS: self.interactions.head(), SIGNALS: self.signals.head()}
+
+    def step(self, name: str, heads: dict[str, int] | None = None) -> Step:
+        """One batch of `name` (at most `batch` positions of each log)."""
+        try:
+            return self._step(name, self._open(name), heads or self.heads())
+        except StaleVersion:
+            return self._step(name, self._open(name), heads or self.heads())
+
+    def catch_up(self, progress: Progress | None = None) -> int:
+        """Folds every projection up to the current log heads; returns records folded."""
+        heads = self.heads()
+        folded = 0
+        for name in self.factories:
+            while True:
+                step = self.step(name, heads)
+                folded += step.folded
+                if progress is not None:
+                    progress(sum(step.scanned.values()))
+                if not step.scanned:
+                    break
+        return folded
+
+    async def follow(self, stop: asyncio.Event, poll: float = 0.2) -> None:
+        """Keeps every projection caught up until `stop` is set (the folds run in a thread)."""
+        while not stop.is_set():
+            try:
+                if await asyncio.to_thread(self.catch_up):
+                    continue
+            except Exception:  # a locked or failing database: log it, retry after `poll`
+                logger.exception("projections: catching up failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), poll)
+
+    def positions(self, name: str) -> dict[str, int]:
+        version = self.store.current_version(name)
+        if version is None:
+            return {INTERACTIONS: 0, SIGNALS: 0}
+        return {log: self.store.position(name, version, log) for log in (INTERACTIONS, SIGNALS)}
+
+    # --- rebuilding ----------------------------------------------------------------------
+
+    def rebuild(self, name: str, progress: Progress | None = None) -> RebuildResult:
+        """Builds a new version from position 1 beside the current one, then switches over.
+
+        Reads answer from the current version throughout. The last batch, which reaches the
+        heads read at its start, flips `proj_versions` in its own transaction; the old
+        version's tables and positions are then dropped.
+        """
+        old = self.store.current_version(name)
+        version = max([*self.store.versions(name), old or 0]) + 1
+        self.store.prepare(name, version)
+        # The new tables start empty and this view is their only writer: every document
+        # lives in its cache, so it never has to look one up.
+        live = _Live(self.factories[name](), version, memory_view(), {INTERACTIONS: 0, SIGNALS: 0})
+        started = time.perf_counter()
+        scanned = 0
+        while True:
+            heads = self.heads()
+            remaining = sum(heads[log] - live.positions[log] for log in heads)
+            last = remaining <= self.rebuild_batch
+            mode = "switch" if last else "build"
+            step = self._step(name, live, heads, mode=mode, batch=self.rebuild_batch)
+            scanned += sum(step.scanned.values())
+            if progress is not None:
+                progress(sum(step.scanned.values()))
+            if last and all(live.positions[log] >= heads[log] for log in heads):
+                break
+        seconds = time.perf_counter() - started
+        self._live.pop(name, None)
+        if old is not None and old != version:
+            self.store.drop(name, old)
+        return RebuildResult(name, version, scanned, seconds, self.store.checksum(name, version))
+
+
+def default_folds(policy: Policy) -> dict[str, FoldFactory]:
+    """The shipped projections, each built fresh from the default policy."""
+    return {"context": lambda: ContextFold(policy), "cases": lambda: CasesFold(policy)}
