@@ -160,7 +160,9 @@ def console_sink(console: Console) -> Callable[[Sequence[Signal]], None]:
 
     def show(signals: Sequence[Signal]) -> None:
         for s in signals:
-            what = getattr(s, "metric", None) or getattr(s, "rule", "")
+            what = (
+                getattr(s, "metric", None) or getattr(s, "rule", None) or getattr(s, "pattern", "")
+            )
             pct = getattr(s, "threshold_pct", None)
             console.print(
                 f"[dim]signal {s.type} {s.case_id or s.account_id} {what}"
