@@ -31,13 +31,9 @@ from loopservice.streams.clock import Clock, WallClock
 from loopservice.streams.engine import EmbeddedEngine
 from loopservice.streams.explain import EXPLAIN_TOPICS, explain_case
 from loopservice.streams.log import LogRecord
-from loopservice.streams.pattern_processors import (
-    CasePatternProcessor,
-    FollowupProcessor,
-    TopicSurgeProcessor,
-)
 from loopservice.streams.processors import CaseStateProcessor, HandoffProcessor, SlaProcessor
 from loopservice.streams.rules import RulesBook
+from loopservice.streams.topology import derive_processors
 
 
 @dataclass
@@ -83,15 +79,8 @@ def build_system(settings: Settings, clock: Clock | None = None) -> System:
     engine = EmbeddedEngine(
         log,
         signals,
-        [
-            cases,
-            sla,
-            handoffs,
-            CasePatternProcessor(),
-            TopicSurgeProcessor(),
-            FollowupProcessor(),
-            AckFollower(outbox),
-        ],
+        # derive_processors declares them all; the first three are built above for typed handles
+        [cases, sla, handoffs, *derive_processors(rules)[3:], AckFollower(outbox)],
         allowed_lateness=settings.allowed_lateness,
         on_failure=dead_letter,
         sinks=[outbox.enqueue],

@@ -41,3 +41,7 @@ main.add_command(alerts)
 from loopservice.projections_cli import projections  # noqa: E402
 
 main.add_command(projections)
+
+from loopservice.audit_cli import audit  # noqa: E402
+
+main.add_command(audit)
