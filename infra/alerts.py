@@ -10,21 +10,27 @@ The outbox is two SQLite tables in the log's own database file:
 - `alert_acks`, one row per acknowledged alert, written from the `alert.acknowledged` events
   on the log (`AckFollower` is a processor the engine drives), so a replay re-derives them.
 
-`Dispatcher` runs in the live process. It claims due pending rows (attempts + 1 and a lease,
-in one statement), delivers each through its route's sink and marks it delivered only after
-the sink succeeded (a webhook: a 2xx answer). A failure is retried after 1 s, 2 s, 4 s, …
-capped at 5 min, all on the injected clock; after `max_attempts` the row is `failed` (still
-listed). Delivery is at least once: a crash between a 2xx and its commit re-sends after the
-lease with the same `Idempotency-Key: <alert_id>:<route>`, which a receiver deduplicates on.
+`Dispatcher` runs in the live process. Each step claims due pending rows (attempts + 1 and a
+lease, in one statement), groups them per route, as Alertmanager's webhook does, and hands each
+group of up to `max_batch` alerts to the route's sink at once; every alert of the group is
+marked delivered only after the sink succeeded (a webhook: a 2xx answer to the one `POST`). A
+failure is retried after 1 s, 2 s, 4 s, … (per alert, by its attempts) capped at 5 min, all on
+the injected clock; after `max_attempts` the row is `failed` (still listed). Delivery is at
+least once: a crash between a 2xx and its commit re-sends after the lease. The dispatcher
+drains without pausing while it finds due rows and polls every 50 ms when idle.
 
 Escalation: a delivered `sla.breached` alert that nobody acknowledged within its route's
 `escalate_after_minutes` (on the dispatcher's clock, counted from delivery) gets a pending row
 for `escalate_to` with `escalation_level + 1`. A retraction of the breach stops escalation too.
 A retraction that no route claims by type follows the routes its breach went to.
 
-Webhook requests are `POST` with a JSON body `{"alert_id", "route", "signal",
-"escalation_level"}` and the headers `X-Loop-Signature: sha256=<hex HMAC-SHA256 of the exact
-body bytes>`, `Idempotency-Key` and `X-Loop-Timestamp` (unix seconds; not signed). The key is
+Webhook requests are `POST` with a JSON body `{"route": …, "alerts": [{"alert_id",
+"escalation_level", "signal"}, …]}` (keys sorted) and the headers `X-Loop-Signature:
+sha256=<hex HMAC-SHA256 of the exact body bytes>` (one signature for the batch),
+`Idempotency-Key` (hex SHA-256 of the sorted `alert_id:route:escalation_level` lines, so a
+retried batch repeats it) and `X-Loop-Timestamp` (unix seconds; not signed). A retry may be
+regrouped with alerts that came due since, so a receiver should deduplicate on each alert's
+`alert_id` + `escalation_level` too. The key is
 `LOOP_WEBHOOK_SECRET_<ROUTE>` (route name upper-cased, other characters as `_`) or else
 `LOOP_WEBHOOK_SECRET`; without one the delivery fails at once rather than go out unsigned.
 Neither secrets nor bodies are logged.
@@ -529,8 +535,11 @@ class DeliveryError(Exception):
 
 
 class Sink(Protocol):
-    async def deliver(self, delivery: Delivery, now: datetime) -> None:
-        """Returns once the alert is delivered; raises `DeliveryError` (or anything) if not."""
+    async def deliver_batch(
+        self, route: str, deliveries: Sequence[Delivery], now: datetime
+    ) -> None:
+        """Returns once every alert of the batch is delivered; raises `DeliveryError` (or
+        anything) if not, and then none of them counts as delivered."""
         ...
 
 
@@ -545,6 +554,12 @@ class ConsoleSink:
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
+
+    async def deliver_batch(
+        self, route: str, deliveries: Sequence[Delivery], now: datetime
+    ) -> None:
+        for d in deliveries:
+            await self.deliver(d, now)
 
     async def deliver(self, delivery: Delivery, now: datetime) -> None:
         s = delivery.signal
@@ -561,16 +576,30 @@ class ConsoleSink:
         )
 
 
-def webhook_body(delivery: Delivery) -> bytes:
+def webhook_body(route: str, deliveries: Sequence[Delivery]) -> bytes:
+    """`{"route", "alerts": [{"alert_id", "escalation_level", "signal"}, …]}`, keys sorted,
+    alerts in the order given."""
     return orjson.dumps(
         {
-            "alert_id": delivery.alert_id,
-            "route": delivery.route,
-            "signal": delivery.signal,
-            "escalation_level": delivery.escalation_level,
+            "route": route,
+            "alerts": [
+                {
+                    "alert_id": d.alert_id,
+                    "escalation_level": d.escalation_level,
+                    "signal": d.signal,
+                }
+                for d in deliveries
+            ],
         },
         option=orjson.OPT_SORT_KEYS,
     )
+
+
+def idempotency_key(route: str, deliveries: Sequence[Delivery]) -> str:
+    """Hex SHA-256 of the sorted `alert_id:route:escalation_level` lines: the same set of
+    alerts gives the same key whatever their order, so a retried batch repeats its key."""
+    lines = sorted(f"{d.alert_id}:{route}:{d.escalation_level}" for d in deliveries)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def sign(secret: bytes, body: bytes) -> str:
@@ -595,6 +624,8 @@ def env_secret(environ: Mapping[str, str] | None = None) -> Callable[[str], byte
 
 
 class WebhookSink:
+    """One signed `POST` per batch of alerts."""
+
     def __init__(
         self,
         url: str,
@@ -610,14 +641,16 @@ class WebhookSink:
     def __repr__(self) -> str:
         return f"WebhookSink({self.url!r})"
 
-    async def deliver(self, delivery: Delivery, now: datetime) -> None:
+    async def deliver_batch(
+        self, route: str, deliveries: Sequence[Delivery], now: datetime
+    ) -> None:
         if self._secret is None:
             raise DeliveryError("no webhook secret configured", permanent=True)
-        body = webhook_body(delivery)
+        body = webhook_body(route, deliveries)
         headers = {
             "Content-Type": "application/json",
             "X-Loop-Signature": sign(self._secret, body),
-            "Idempotency-Key": f"{delivery.alert_id}:{delivery.route}",
+            "Idempotency-Key": idempotency_key(route, deliveries),
             "X-Loop-Timestamp": str(int(now.timestamp())),
         }
         try:
@@ -676,7 +709,11 @@ SinkFactory = Callable[[OncallRoute], Sink]
 
 
 class Dispatcher:
-    """Delivers due outbox rows through their route's sink; run one per datastore."""
+    """Delivers due outbox rows through their route's sink; run one per datastore.
+
+    Each step claims up to `batch` due rows, groups them by route (and sink) and hands each
+    group of up to `max_batch` alerts to the sink at once (one webhook `POST`), at most
+    `concurrency` groups at a time; the one answer settles every alert of the group."""
 
     def __init__(
         self,
@@ -690,9 +727,10 @@ class Dispatcher:
         max_attempts: int = 10,
         max_backoff: timedelta = timedelta(minutes=5),
         lease: timedelta = timedelta(minutes=2),
-        batch: int = 500,
+        batch: int = 2000,
+        max_batch: int = 500,
         concurrency: int = 4,
-        poll: timedelta = timedelta(milliseconds=200),
+        poll: timedelta = timedelta(milliseconds=50),
     ) -> None:
         self.outbox = outbox
         self.clock = clock
@@ -705,6 +743,7 @@ class Dispatcher:
         self.max_backoff = max_backoff.total_seconds()
         self.lease = lease
         self.batch = batch
+        self.max_batch = max(1, max_batch)
         self.concurrency = asyncio.Semaphore(concurrency)
         self._pool = concurrency
         self.poll = poll.total_seconds()
@@ -737,39 +776,55 @@ class Dispatcher:
         return sink
 
     async def step(self) -> int:
-        """Escalates what is due, then delivers one batch of due rows; returns how many
-        deliveries were attempted."""
+        """Escalates what is due, then delivers one claim of due rows, in batches per route;
+        returns how many deliveries (alerts × routes) were attempted."""
         now = self.clock.now()
         escalated = await asyncio.to_thread(self.outbox.escalate, now)
-        for _, route in escalated:
-            self.metrics.escalations.labels(route).inc()
+        for _, to in escalated:
+            self.metrics.escalations.labels(to).inc()
         due = await asyncio.to_thread(self.outbox.claim_due, now, self.lease, self.batch)
         if not due:
             return 0
-        outcomes = await asyncio.gather(*(self._attempt(d) for d in due))
+        outcomes: list[Outcome] = []
+        groups: dict[tuple[str, str], list[tuple[Delivery, OncallRoute]]] = {}
+        for d in due:
+            route = self.outbox.route(d)
+            if route is None:
+                error = DeliveryError(f"route {d.route!r} is not in the policy", permanent=True)
+                outcomes.append(self._failed(d, error))
+            else:
+                groups.setdefault((route.name, route.sink), []).append((d, route))
+        chunks = [
+            members[i : i + self.max_batch]
+            for members in groups.values()
+            for i in range(0, len(members), self.max_batch)
+        ]
+        for settled in await asyncio.gather(*(self._attempt(c) for c in chunks)):
+            outcomes += settled
         await asyncio.to_thread(self.outbox.finish, outcomes)
         return len(due)
 
-    async def _attempt(self, d: Delivery) -> Outcome:
-        route = self.outbox.route(d)
+    async def _attempt(self, members: Sequence[tuple[Delivery, OncallRoute]]) -> list[Outcome]:
+        route = members[0][1]
+        deliveries = [d for d, _ in members]
         try:
-            if route is None:
-                raise DeliveryError(f"route {d.route!r} is not in the policy", permanent=True)
             async with self.concurrency:
-                await self.sink_for(route).deliver(d, self.clock.now())
+                await self.sink_for(route).deliver_batch(route.name, deliveries, self.clock.now())
         except Exception as exc:
-            return self._failed(d, exc)
+            return [self._failed(d, exc) for d in deliveries]
         at = self.clock.now()
-        self.metrics.deliveries.labels(d.route, "delivered").inc()
-        if d.escalation_level == 0:
-            deadline = d.due_at or d.detected_at
-            self.metrics.delivery_delay.labels(d.route).observe(
-                max(0.0, (at - deadline).total_seconds())
-            )
-        escalation_due = None
-        if d.signal_type in ESCALATING_TYPES and route.escalate_after_minutes is not None:
-            escalation_due = _ts(at) + route.escalate_after_minutes * 60.0
-        return Outcome(d, at, True, escalation_due=escalation_due)
+        self.metrics.deliveries.labels(route.name, "delivered").inc(len(deliveries))
+        delay = self.metrics.delivery_delay.labels(route.name)
+        outcomes = []
+        for d, r in members:
+            if d.escalation_level == 0:
+                deadline = d.due_at or d.detected_at
+                delay.observe(max(0.0, (at - deadline).total_seconds()))
+            escalation_due = None
+            if d.signal_type in ESCALATING_TYPES and r.escalate_after_minutes is not None:
+                escalation_due = _ts(at) + r.escalate_after_minutes * 60.0
+            outcomes.append(Outcome(d, at, True, escalation_due=escalation_due))
+        return outcomes
 
     def _failed(self, d: Delivery, exc: Exception) -> Outcome:
         reason = str(exc) if isinstance(exc, DeliveryError) else type(exc).__name__
@@ -784,7 +839,8 @@ class Dispatcher:
         return Outcome(d, at, False, reason, retry_at=at + timedelta(seconds=wait))
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Delivers until `stop` is set; a failing step is logged and retried."""
+        """Delivers until `stop` is set: straight on while a step finds work (more may have
+        come due meanwhile), every `poll` when idle; a failing step is logged and retried."""
         try:
             while not stop.is_set():
                 try:
@@ -792,7 +848,7 @@ class Dispatcher:
                 except Exception:
                     log.exception("alert dispatcher step failed")
                     busy = 0
-                if busy < self.batch:
+                if busy == 0:
                     await _sleep_or_stop(stop, self.poll)
         finally:
             await self.aclose()
@@ -820,6 +876,7 @@ __all__ = [
     "WebhookSink",
     "backoff",
     "env_secret",
+    "idempotency_key",
     "sign",
     "verify",
     "webhook_body",

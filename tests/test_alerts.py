@@ -1,3 +1,4 @@
+import asyncio
 import hashlib
 import hmac
 import io
@@ -26,6 +27,7 @@ from loopservice.infra.alerts import (
     ack_event,
     backoff,
     env_secret,
+    idempotency_key,
     verify,
     webhook_body,
 )
@@ -110,7 +112,13 @@ def outbox_at(path: Path, policy: Policy, clock: FixedClock) -> Outbox:
     return Outbox(open_datastore(path), lambda _: policy, clock)
 
 
-async def test_delivered_once_with_a_signature_the_receiver_verifies(
+def expected_key(route: str, *alerts: tuple[str, int]) -> str:
+    """The documented Idempotency-Key, computed independently of the code under test."""
+    lines = sorted(f"{alert_id}:{route}:{level}" for alert_id, level in alerts)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+async def test_a_batch_is_one_post_with_one_signature_the_receiver_verifies(
     tmp_path: Path, receiver: LocalReceiver, clock: FixedClock, dispatchers: Any
 ) -> None:
     registry = CollectorRegistry()
@@ -119,32 +127,100 @@ async def test_delivered_once_with_a_signature_the_receiver_verifies(
     warning = SlaWarning(
         **breach(2).model_dump(exclude={"type", "signal_id"}), signal_id="w2", threshold_pct=80
     )
-    assert outbox.add([breach(1), warning]) == 1  # no route takes warnings
-    assert await dispatcher.step() == 1
+    assert outbox.add([breach(1), breach(3), warning]) == 2  # no route takes warnings
+    assert await dispatcher.step() == 2
     assert await dispatcher.step() == 0
 
-    assert (receiver.count, receiver.bad_signatures, receiver.duplicates) == (1, 0, 0)
+    assert (receiver.requests, receiver.count, receiver.alerts) == (1, 1, 2)
+    assert (receiver.bad_signatures, receiver.duplicates) == (0, 0)
     [body] = receiver.bodies
-    assert body["alert_id"] == "sig-1" and body["route"] == "pager"
-    assert body["escalation_level"] == 0 and body["signal"]["type"] == "sla.breached"
+    assert set(body) == {"route", "alerts"} and body["route"] == "pager"
+    assert [(a["alert_id"], a["escalation_level"]) for a in body["alerts"]] == [
+        ("sig-1", 0),
+        ("sig-3", 0),
+    ]
+    assert all(set(a) == {"alert_id", "escalation_level", "signal"} for a in body["alerts"])
+    assert body["alerts"][0]["signal"]["type"] == "sla.breached"
+    assert body["alerts"][1]["signal"]["case_id"] == "c3"
     headers = receiver.headers[0]
-    assert headers["Idempotency-Key"] == "sig-1:pager"
+    assert headers["Idempotency-Key"] == expected_key("pager", ("sig-3", 0), ("sig-1", 0))
     assert headers["X-Loop-Timestamp"] == str(int(NOW.timestamp()))
-    [d] = outbox.deliveries("sig-1")
-    assert (d.status, d.attempts, d.delivered_at) == ("delivered", 1, NOW)
-    assert receiver.raw == [webhook_body(d)]
+    ds = outbox.deliveries()
+    assert [(d.status, d.attempts, d.delivered_at) for d in ds] == [("delivered", 1, NOW)] * 2
+    assert receiver.raw == [webhook_body("pager", ds)]
     expected = hmac.new(SECRET, receiver.raw[0], hashlib.sha256).hexdigest()
     assert headers["X-Loop-Signature"] == f"sha256={expected}"
     assert verify(SECRET, receiver.raw[0], headers["X-Loop-Signature"])
+    assert not verify(SECRET, receiver.raw[0].replace(b"c3", b"c4"), headers["X-Loop-Signature"])
+    # the delay histogram still counts every alert of the batch
+    labels = {"route": "pager"}
+    assert registry.get_sample_value("loop_alert_delivery_delay_seconds_count", labels) == 2
     assert registry.get_sample_value(
-        "loop_alert_delivery_delay_seconds_sum", {"route": "pager"}
-    ) == pytest.approx(30.0)
+        "loop_alert_delivery_delay_seconds_sum", labels
+    ) == pytest.approx(60.0)
     assert (
         registry.get_sample_value(
             "loop_alert_deliveries_total", {"route": "pager", "result": "delivered"}
         )
-        == 1
+        == 2
     )
+
+
+def test_the_idempotency_key_depends_on_the_set_of_alerts_not_their_order(
+    tmp_path: Path, clock: FixedClock
+) -> None:
+    outbox = outbox_at(tmp_path / "log.db", escalating_policy("http://127.0.0.1:9/"), clock)
+    outbox.add([breach(i) for i in range(1, 6)])
+    ds = outbox.deliveries()
+    key = idempotency_key("pager", ds)
+    assert key == expected_key("pager", *((f"sig-{i}", 0) for i in range(1, 6)))
+    assert idempotency_key("pager", ds[::-1]) == key
+    assert idempotency_key("pager", [ds[2], ds[0], ds[4], ds[1], ds[3]]) == key
+    assert idempotency_key("pager", ds[:4]) != key  # another set of alerts
+    assert idempotency_key("leads", ds) != key  # another route
+    raised = [d.__class__(**{**_fields(d), "escalation_level": 1}) for d in ds]
+    assert idempotency_key("pager", raised) != key  # another escalation level
+
+
+def _fields(d: Any) -> dict[str, Any]:
+    return {name: getattr(d, name) for name in d.__slots__}
+
+
+async def test_batches_split_at_max_batch_and_go_out_concurrently_in_any_order(
+    tmp_path: Path, receiver: LocalReceiver, clock: FixedClock, dispatchers: Any
+) -> None:
+    policy = policy_with(
+        OncallRoute(
+            name="pager",
+            signal_types=["sla.breached"],
+            priorities=[Priority.P1],
+            sink=receiver.url,
+        ),
+        OncallRoute(name="p2", signal_types=["sla.breached"], sink=receiver.url),
+    )
+    outbox = outbox_at(tmp_path / "log.db", policy, clock)
+    dispatcher = dispatchers(outbox, clock, max_batch=3, concurrency=4)
+    p1 = [breach(i) for i in range(1, 8)]  # 7 → batches of 3, 3, 1
+    p2 = [breach(i, priority=Priority.P2) for i in range(8, 12)]  # 4 → 3, 1
+    assert outbox.add(p1 + p2) == 11
+    assert await dispatcher.step() == 11
+    assert await dispatcher.step() == 0
+
+    assert (receiver.requests, receiver.count, receiver.bad_signatures) == (5, 5, 0)
+    sizes: dict[str, list[int]] = {}
+    for body, headers, raw in zip(receiver.bodies, receiver.headers, receiver.raw, strict=True):
+        sizes.setdefault(body["route"], []).append(len(body["alerts"]))
+        alerts = [(a["alert_id"], a["escalation_level"]) for a in body["alerts"]]
+        assert headers["Idempotency-Key"] == expected_key(body["route"], *alerts)
+        assert verify(SECRET, raw, headers["X-Loop-Signature"])
+    # whatever order the concurrent batches arrived in, each alert arrived once, to its route
+    assert {k: sorted(v) for k, v in sizes.items()} == {"pager": [1, 3, 3], "p2": [1, 3]}
+    assert sorted(receiver.received) == sorted(
+        [(f"sig-{i}", "pager", 0) for i in range(1, 8)]
+        + [(f"sig-{i}", "p2", 0) for i in range(8, 12)]
+    )
+    assert len(set(receiver.keys)) == 5 and receiver.duplicates == 0
+    assert {d.status for d in outbox.deliveries()} == {"delivered"}
 
 
 async def test_a_wrong_secret_is_refused_and_retried(
@@ -160,29 +236,31 @@ async def test_a_wrong_secret_is_refused_and_retried(
     assert d.next_attempt_at == NOW + timedelta(seconds=1)
 
 
-async def test_fails_twice_then_delivered_on_the_third_attempt_after_backoff(
+async def test_a_batch_that_fails_twice_is_delivered_on_the_third_attempt_after_backoff(
     tmp_path: Path, clock: FixedClock, dispatchers: Any
 ) -> None:
     receiver = LocalReceiver(SECRET, fail_first=2).start()
     try:
         outbox = outbox_at(tmp_path / "log.db", escalating_policy(receiver.url), clock)
         dispatcher = dispatchers(outbox, clock)
-        outbox.enqueue([breach(1)])
-        assert await dispatcher.step() == 1  # 503
+        outbox.enqueue([breach(1), breach(2), breach(3)])
+        assert await dispatcher.step() == 3  # 503
         assert await dispatcher.step() == 0  # backing off for 1 s
+        assert {(d.attempts, d.last_error) for d in outbox.deliveries()} == {(1, "HTTP 503")}
         clock.advance(timedelta(seconds=1))
-        assert await dispatcher.step() == 1  # 503 again
+        assert await dispatcher.step() == 3  # 503 again
         clock.advance(timedelta(seconds=1))
         assert await dispatcher.step() == 0  # now 2 s
         clock.advance(timedelta(seconds=1))
-        assert await dispatcher.step() == 1
-        [d] = outbox.deliveries()
-        assert (d.status, d.attempts, receiver.requests, receiver.count) == (
-            "delivered",
-            3,
-            3,
-            1,
-        )
+        assert await dispatcher.step() == 3
+        ds = outbox.deliveries()
+        assert [(d.alert_id, d.status, d.attempts, d.last_error) for d in ds] == [
+            (f"sig-{i}", "delivered", 3, None) for i in (1, 2, 3)
+        ]
+        assert (receiver.requests, receiver.count, receiver.alerts) == (3, 1, 3)
+        # the retried batch carried the same key each time
+        key = expected_key("pager", ("sig-1", 0), ("sig-2", 0), ("sig-3", 0))
+        assert receiver.attempt_keys == [key, key, key]
     finally:
         receiver.stop()
 
@@ -248,6 +326,38 @@ async def test_a_restart_re_deriving_the_signal_does_not_deliver_again(
     assert again.add([breach(1)]) == 0
     assert await dispatchers(again, clock).step() == 0
     assert (receiver.requests, [d.attempts for d in again.deliveries()]) == (1, [1])
+    # a new alert after the restart goes out alone, not with the one already delivered
+    assert again.add([breach(1), breach(2)]) == 1
+    assert await dispatchers(again, clock).step() == 1
+    assert receiver.received == [("sig-1", "pager", 0), ("sig-2", "pager", 0)]
+    assert (receiver.requests, receiver.duplicates) == (2, 0)
+
+
+async def test_a_crash_after_the_answer_resends_the_batch_with_the_same_key_after_the_lease(
+    tmp_path: Path, receiver: LocalReceiver, clock: FixedClock, dispatchers: Any
+) -> None:
+    db = tmp_path / "log.db"
+    policy = escalating_policy(receiver.url)
+    first = outbox_at(db, policy, clock)
+    first.enqueue([breach(1), breach(2)])
+
+    def crash(outcomes: Any) -> None:
+        raise RuntimeError("killed between the 2xx and the commit")
+
+    first.finish = crash  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        await dispatchers(first, clock).step()
+    assert receiver.alerts == 2
+
+    again = outbox_at(db, policy, clock)  # the restarted process
+    dispatcher = dispatchers(again, clock)
+    assert await dispatcher.step() == 0  # still leased
+    clock.advance(timedelta(minutes=2))
+    assert await dispatcher.step() == 2
+    assert receiver.requests == 2 and len(set(receiver.attempt_keys)) == 1
+    assert (receiver.count, receiver.alerts, receiver.duplicates) == (1, 2, 2)
+    assert [(d.status, d.attempts) for d in again.deliveries()] == [("delivered", 2)] * 2
+    assert await dispatcher.step() == 0
 
 
 async def test_unacknowledged_breach_escalates_after_the_delay_acknowledged_does_not(
@@ -269,10 +379,13 @@ async def test_unacknowledged_breach_escalates_after_the_delay_acknowledged_does
     clock.advance(timedelta(hours=1))
     assert await dispatcher.step() == 0  # leads has no escalation of its own
 
-    received = [(b["alert_id"], b["route"], b["escalation_level"]) for b in receiver.bodies]
-    # the first two go out concurrently, in either order; the escalation comes after both
+    received = receiver.received
+    # the first two go out in one batch; the escalation comes after, alone, to leads
+    assert receiver.requests == 2
     assert sorted(received[:2]) == [("sig-1", "pager", 0), ("sig-2", "pager", 0)]
     assert received[2:] == [("sig-1", "leads", 1)]
+    assert receiver.headers[1]["Idempotency-Key"] == expected_key("leads", ("sig-1", 1))
+    assert [a["signal"]["type"] for a in receiver.bodies[1]["alerts"]] == ["sla.breached"]
     alert_1, alert_2 = outbox.alert("sig-1"), outbox.alert("sig-2")
     assert alert_1 is not None and alert_2 is not None
     assert alert_1.ack is None and [d.route for d in alert_1.deliveries] == ["pager", "leads"]
@@ -307,10 +420,8 @@ async def test_a_retraction_follows_the_breach_and_stops_its_escalation(
     assert outbox.add([retraction]) == 1  # no route takes retractions: the breach's does
     clock.advance(timedelta(minutes=20))
     await dispatcher.step()
-    assert [(x["alert_id"], x["route"]) for x in receiver.bodies] == [
-        ("sig-1", "pager"),
-        ("sig-1:retracted", "pager"),
-    ]
+    assert receiver.received == [("sig-1", "pager", 0), ("sig-1:retracted", "pager", 0)]
+    assert [d.escalation_level for d in outbox.deliveries()] == [0, 0]  # no escalation
 
 
 async def test_console_sink_prints_one_line_and_old_history_is_not_paged(
@@ -469,7 +580,51 @@ def test_cli_lists_and_acknowledges(tmp_path: Path, clock: FixedClock) -> None:
     assert missing.exit_code != 0 and "no alert" in missing.output
 
 
+async def test_the_dispatcher_drains_without_sleeping_while_deliveries_come_due(
+    tmp_path: Path, receiver: LocalReceiver, clock: FixedClock, dispatchers: Any
+) -> None:
+    outbox = outbox_at(tmp_path / "log.db", escalating_policy(receiver.url), clock)
+    finish = outbox.finish
+    added: list[int] = []
+
+    def finish_while_more_fall_due(outcomes: Any) -> None:
+        finish(outcomes)
+        if not added:  # deadlines that pass while the first step was delivering
+            added.append(outbox.add([breach(i) for i in range(100, 130)]))
+
+    outbox.finish = finish_while_more_fall_due  # type: ignore[method-assign]
+    outbox.enqueue([breach(i) for i in range(1, 61)])
+    dispatcher = dispatchers(outbox, clock, poll=timedelta(seconds=30))
+    stop = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run(stop))
+    try:
+        async with asyncio.timeout(5):  # far less than the 30 s poll
+            while receiver.alerts < 90:
+                await asyncio.sleep(0.01)
+    finally:
+        stop.set()
+        await task
+    assert added == [30] and (receiver.alerts, receiver.duplicates) == (90, 0)
+    assert receiver.requests == 2
+
+
+def test_the_idle_poll_is_short_and_batches_default_to_500(
+    tmp_path: Path, clock: FixedClock
+) -> None:
+    outbox = outbox_at(tmp_path / "log.db", default_policy(), clock)
+    d = Dispatcher(
+        outbox, clock, secret=lambda _: SECRET, metrics=AlertMetrics(CollectorRegistry())
+    )
+    assert d.poll <= 0.05 and d.max_batch == 500
+
+
 async def test_measure_delivery_small_run() -> None:
-    result = await measure_delivery(50)
-    assert result["n"] == 50 and result["bad_signatures"] == 0 and result["duplicates"] == 0
-    assert 0 <= result["p50_s"] <= result["p99_s"] <= result["max_s"]
+    result = await measure_delivery(50, window_s=0.5, timeout_s=60)
+    assert result["n"] == 50 and result["received"] == 50
+    assert result["bad_signatures"] == 0 and result["duplicates"] == 0
+    assert 0 <= result["p50_s"] <= result["p99_s"] <= result["max_s"] < 5
+
+
+async def test_measure_delivery_all_due_at_once_goes_out_in_batches_of_500() -> None:
+    result = await measure_delivery(600, window_s=0, timeout_s=60)
+    assert (result["received"], result["requests"], result["duplicates"]) == (600, 2, 0)

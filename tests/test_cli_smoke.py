@@ -42,7 +42,19 @@ def test_bench_log_prints_rates_beside_the_raw_sqlite_limit() -> None:
 
 def test_bench_sla_prints_memory_rate_and_delivery_delay() -> None:
     result = CliRunner().invoke(
-        main, ["bench", "sla", "--clocks", "2000", "--events", "2000", "--deliveries", "20"]
+        main,
+        [
+            "bench",
+            "sla",
+            "--clocks",
+            "2000",
+            "--events",
+            "2000",
+            "--deliveries",
+            "20",
+            "--window",
+            "1",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "memory per open clock" in result.output
