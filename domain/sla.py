@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from loopservice.domain.events import (
     ActorKind,
@@ -258,7 +258,7 @@ def fire(case: CaseClocks, timer: Timer) -> SlaSignal | None:
     if timer.kind in clock.fired:
         return None
     clock.fired = (*clock.fired, timer.kind)
-    common = {
+    common: dict[str, Any] = {
         "tenant_id": case.tenant_id,
         "account_id": case.account_id,
         "case_id": case.case_id,
