@@ -1,12 +1,16 @@
-"""The `loopservice` command line."""
+"""The `loopservice` command line: one group, each command defined beside what it drives."""
 
 from __future__ import annotations
 
 import click
 
+from loopservice.alerts_cli import alerts
+from loopservice.audit_cli import audit
 from loopservice.bench import bench
 from loopservice.explain import explain
 from loopservice.ingest_cli import dead_letters_command, ingest_command
+from loopservice.policy_cli import policy
+from loopservice.projections_cli import projections
 from loopservice.runtime import demo_command, run_command
 from loopservice.simulator import simulate_command
 
@@ -20,28 +24,17 @@ def main() -> None:
     """
 
 
-main.add_command(simulate_command)
-
-main.add_command(ingest_command)
-main.add_command(dead_letters_command)
-main.add_command(run_command)
-main.add_command(demo_command)
-main.add_command(bench)
-
-
-from loopservice.policy_cli import policy  # noqa: E402
-
-main.add_command(policy)
-main.add_command(explain)
-
-from loopservice.alerts_cli import alerts  # noqa: E402
-
-main.add_command(alerts)
-
-from loopservice.projections_cli import projections  # noqa: E402
-
-main.add_command(projections)
-
-from loopservice.audit_cli import audit  # noqa: E402
-
-main.add_command(audit)
+for command in (
+    run_command,
+    demo_command,
+    simulate_command,
+    ingest_command,
+    dead_letters_command,
+    policy,
+    explain,
+    alerts,
+    projections,
+    audit,
+    bench,
+):
+    main.add_command(command)
