@@ -272,14 +272,11 @@ def fire(case: CaseClocks, timer: Timer) -> SlaSignal | None:
         "team": case.team,
     }
     if timer.kind == "breach":
-        # every field comes from validated state: skip re-validation on the hot path
-        breach = SlaBreached.model_construct(
-            signal_id=_identity("sla.breached", case, clock), **common
-        )
+        breach = SlaBreached(signal_id=_identity("sla.breached", case, clock), **common)
         clock.breach_id, clock.breach_due = breach.signal_id, clock.due_at
         return breach
     pct = int(timer.kind.removeprefix("warn"))
-    return SlaWarning.model_construct(
+    return SlaWarning(
         signal_id=_identity(f"sla.warning{pct}", case, clock), threshold_pct=pct, **common
     )
 
