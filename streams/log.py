@@ -6,10 +6,9 @@ and signals (what processors derive). Adapters live in `infra/` (`sqlite_log`, `
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Generic, Protocol, TypeVar
 
 from loopservice.domain.events import Event
@@ -35,10 +34,6 @@ class Appended:
     duplicate: bool
 
 
-class EventFromTheFuture(ValueError):
-    """An event whose `occurred_at` lies beyond the log's clock plus the skew tolerance."""
-
-
 class Log(Protocol[T]):
     def append(self, values: Sequence[T]) -> list[Appended]:
         """Appends durably, in order; returns only after the records are committed."""
@@ -51,17 +46,3 @@ class Log(Protocol[T]):
     def head(self) -> int:
         """The last position written, 0 for an empty log."""
         ...
-
-
-async def tail(
-    log: Log[T], start: int, *, batch: int = 1000, poll: timedelta = timedelta(milliseconds=50)
-) -> AsyncIterator[list[LogRecord[T]]]:
-    """Follows the log from `start` for ever, yielding non-empty batches as they appear."""
-    position = start
-    while True:
-        records = await asyncio.to_thread(log.read, position, batch)
-        if records:
-            position = records[-1].position + 1
-            yield records
-        else:
-            await asyncio.sleep(poll.total_seconds())
