@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import tracemalloc
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,8 +17,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from loopservice.bench_alerts import measure_delivery
 from loopservice.domain.events import EVENT_ADAPTER, Event
+from loopservice.domain.policy import Policy, policy_from_mapping
 from loopservice.infra.sqlite_log import interaction_log, open_datastore
+from loopservice.policy_cli import default_policy
+from loopservice.streams.processors import SlaProcessor
+from loopservice.streams.rules import RulesBook
 
 console = Console(stderr=True)
 
@@ -71,14 +76,6 @@ def sample_events(n: int) -> list[Event]:
             raw["body"] = "Hello, the export still times out after ten minutes."
         out.append(EVENT_ADAPTER.validate_python(raw))
     return out
-
-
-@contextmanager
-def _timed() -> Iterator[Callable[[], float]]:
-    start = time.perf_counter()
-    elapsed: list[float] = []
-    yield lambda: elapsed[0] if elapsed else time.perf_counter() - start
-    elapsed.append(time.perf_counter() - start)
 
 
 def raw_sqlite_rates(payloads: list[bytes], path: Path, batch: int) -> tuple[float, float]:
@@ -238,13 +235,6 @@ def bench_sla(clocks: int, n_events: int, deliveries: int, window: float) -> Non
     Uses the shipped default policy, so every deadline is computed on a real business
     calendar (time zone, hours, holidays).
     """
-    import tracemalloc
-
-    from loopservice.domain.policy import Policy, policy_from_mapping
-    from loopservice.policy_cli import default_policy
-    from loopservice.streams.processors import SlaProcessor
-    from loopservice.streams.rules import RulesBook
-
     t0 = datetime(2026, 3, 2, 8, tzinfo=UTC)
     n_cases = clocks // 2  # a customer-opened case runs first response and resolution
     console.print(f"building {n_cases:,} case openings…")
@@ -292,10 +282,6 @@ def bench_sla(clocks: int, n_events: int, deliveries: int, window: float) -> Non
     )
     table.add_row("events/s through the SLA processor", f"{rate:,.0f}", "≥ 50,000")
     if deliveries:
-        import asyncio
-
-        from loopservice.bench_alerts import measure_delivery
-
         console.print(f"delivering {deliveries:,} breach alerts falling due over {window:g} s…")
         d = asyncio.run(measure_delivery(deliveries, window_s=window))
         label = f"deadline → delivered, {deliveries:,} due over {window:g} s"

@@ -33,7 +33,7 @@ from loopservice.streams.explain import EXPLAIN_TOPICS, explain_case
 from loopservice.streams.log import LogRecord
 from loopservice.streams.processors import CaseStateProcessor, HandoffProcessor, SlaProcessor
 from loopservice.streams.rules import RulesBook
-from loopservice.streams.topology import derive_processors
+from loopservice.streams.topology import build_topology
 
 
 @dataclass
@@ -64,7 +64,8 @@ def build_system(settings: Settings, clock: Clock | None = None) -> System:
     projections = ProjectionRunner(projection_store, log, signals, default_folds(default_policy()))
     queries = ProjectionQueries(projection_store, log, signals, default_policy())
     rules: RulesBook[Policy] = RulesBook(default_policy(), policy_from_mapping)
-    cases, sla, handoffs = CaseStateProcessor(), SlaProcessor(rules), HandoffProcessor(rules)
+    topology = build_topology(rules)
+    cases, sla, handoffs = topology.cases, topology.sla, topology.handoffs
     outbox = Outbox(datastore, rules.in_force, clock)
 
     def dead_letter(record: LogRecord[Event], processor: str, exc: Exception) -> None:
@@ -79,8 +80,7 @@ def build_system(settings: Settings, clock: Clock | None = None) -> System:
     engine = EmbeddedEngine(
         log,
         signals,
-        # derive_processors declares them all; the first three are built above for typed handles
-        [cases, sla, handoffs, *derive_processors(rules)[3:], AckFollower(outbox)],
+        [*topology.processors, AckFollower(outbox)],
         allowed_lateness=settings.allowed_lateness,
         on_failure=dead_letter,
         sinks=[outbox.enqueue],

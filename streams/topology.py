@@ -3,6 +3,8 @@ all run the same topology, so a replay cannot drift from what the engine derives
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from loopservice.domain.policy import Policy
 from loopservice.streams.pattern_processors import (
     CasePatternProcessor,
@@ -14,14 +16,30 @@ from loopservice.streams.processors import CaseStateProcessor, HandoffProcessor,
 from loopservice.streams.rules import RulesBook
 
 
+@dataclass(frozen=True)
+class Topology:
+    """The processors of one engine, with typed handles on those the read side queries."""
+
+    cases: CaseStateProcessor
+    sla: SlaProcessor
+    handoffs: HandoffProcessor
+    patterns: tuple[Processor, ...]
+
+    @property
+    def processors(self) -> list[Processor]:
+        """In engine order: case state, SLA, handoffs, patterns, surges, follow-ups."""
+        return [self.cases, self.sla, self.handoffs, *self.patterns]
+
+
+def build_topology(rules: RulesBook[Policy]) -> Topology:
+    """Fresh processors sharing `rules`, into which `policy.published` events are folded."""
+    return Topology(
+        cases=CaseStateProcessor(),
+        sla=SlaProcessor(rules),
+        handoffs=HandoffProcessor(rules),
+        patterns=(CasePatternProcessor(), TopicSurgeProcessor(), FollowupProcessor()),
+    )
+
+
 def derive_processors(rules: RulesBook[Policy]) -> list[Processor]:
-    """Fresh processors, in engine order: case state, SLA, handoffs, patterns, surges,
-    follow-ups. They share `rules`, into which `policy.published` events are folded."""
-    return [
-        CaseStateProcessor(),
-        SlaProcessor(rules),
-        HandoffProcessor(rules),
-        CasePatternProcessor(),
-        TopicSurgeProcessor(),
-        FollowupProcessor(),
-    ]
+    return build_topology(rules).processors
