@@ -87,7 +87,9 @@ class Clock:
     consumed: float = 0.0  # business seconds counted before `running_since`
     running_since: datetime | None = None
     due_at: datetime | None = None
-    fired: tuple[str, ...] = ()  # "warn50", "breach", … already signalled for this due_at
+    fired: tuple[str, ...] = ()  # "warn50", "breach", … already signalled for `fired_due`
+    fired_due: datetime | None = None  # kept through a pause: resuming to the same deadline
+    # must not signal its warnings again
     breach_id: str | None = None
     breach_due: datetime | None = None
     scheduled_due: datetime | None = None  # the due_at whose timers are already queued
@@ -119,8 +121,8 @@ class Clock:
 
     def _retime(self) -> None:
         due = self.instant_of(self.target)
-        if due != self.due_at:
-            self.fired = ()
+        if due != self.fired_due:
+            self.fired, self.fired_due = (), due
         self.due_at = due
 
 
@@ -248,6 +250,26 @@ def next_timer(case: CaseClocks, clock: Clock, rules: SlaRules) -> Timer | None:
     if "breach" in clock.fired:
         return None
     return Timer(due, case.key, clock.metric, clock.cycle, "breach", due)
+
+
+def fire_due_before(case: CaseClocks, before: datetime, rules: SlaRules) -> list[SlaSignal]:
+    """Signals of the case's own timers due strictly before `before`, earliest first.
+
+    A processor calls this before it applies an event to the case, so a case's events and
+    timers are taken in event-time order whatever the engine's watermark: a reply that occurs
+    after the deadline finds the breach already signalled. That makes a case's signals
+    independent of how far the watermark had got, which differs between the embedded engine
+    (one watermark) and Kafka (one per partition). Queued timers it fires are dropped later.
+    """
+    out: list[SlaSignal] = []
+    for clock in list(case.clocks.values()):
+        while (timer := next_timer(case, clock, rules)) is not None and timer.at < before:
+            signal = fire(case, timer)
+            if signal is None:
+                break
+            out.append(signal)
+    out.sort(key=lambda s: (s.detected_at, s.signal_id))
+    return out
 
 
 def fire(case: CaseClocks, timer: Timer) -> SlaSignal | None:

@@ -67,7 +67,15 @@ class CasePatternProcessor:
         case = self.cases.get((event.tenant_id, event.case_id))
         if case is None:
             return []
-        out: list[Signal] = list(patterns.evolve_case(case, event, self.rules))
+        out: list[Signal] = []
+        # The case's own timer first when it came due before this event occurred, so what a
+        # case gets does not depend on the engine's watermark (see `sla.fire_due_before`).
+        due = patterns.stale_due(case, self.rules)
+        if due is not None and due < event.occurred_at and case.stale_since is not None:
+            stale = patterns.fire_stale(case, case.stale_since, due, self.rules)
+            if stale is not None:
+                out.append(stale)
+        out += patterns.evolve_case(case, event, self.rules)
         if event.type in ("case.closed", "case.merged"):
             del self.cases[case.key]  # resolved cases stay: they may be reopened
             return out
@@ -144,7 +152,13 @@ class FollowupProcessor:
             if not isinstance(event, AccountUpdated | SurveyAnswered):
                 return []  # nothing is owed on an account never surveyed or owned
             loop = self.accounts[key] = followups.AccountLoop(event.tenant_id, event.account_id)
-        out: list[Signal] = list(followups.evolve(loop, event, self.rules))
+        out: list[Signal] = []
+        for survey_id, followup in sorted(loop.open.items(), key=lambda item: item[1].due_at):
+            if followup.due_at < event.occurred_at:  # came due first (`sla.fire_due_before`)
+                found = followups.fire_overdue(loop, survey_id, followup.due_at, self.rules)
+                if found is not None:
+                    out.append(found)
+        out += followups.evolve(loop, event, self.rules)
         if isinstance(event, SurveyAnswered):
             opened = loop.open.get(event.event_id)
             if opened is not None:

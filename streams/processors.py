@@ -70,12 +70,14 @@ class SlaProcessor:
 
     name = "sla"
 
-    def __init__(self, rules: RulesBook[SlaRules]) -> None:
+    def __init__(
+        self, rules: RulesBook[SlaRules], *, cache: dict[int, CachedRules] | None = None
+    ) -> None:
         self.rules = rules
         self.cases: dict[tuple[str, str], sla.CaseClocks] = {}
         self.tiers: dict[tuple[str, str], Tier] = {}
         self._queue: list[tuple[datetime, int, sla.Timer]] = []
-        self._cached: dict[int, CachedRules] = {}
+        self._cached: dict[int, CachedRules] = {} if cache is None else cache
         self._seq = count()
 
     def handle(self, event: Event) -> list[Signal]:
@@ -100,7 +102,13 @@ class SlaProcessor:
         case_clocks = self.cases.get(key)
         if case_clocks is None:
             return []
-        signals: list[Signal] = list(sla.apply(case_clocks, event, rules))
+        signals: list[Signal] = list(sla.fire_due_before(case_clocks, event.occurred_at, rules))
+        if signals:  # what follows the timers just fired (their queued entries will find them done)
+            for clock in case_clocks.clocks.values():
+                following = sla.next_timer(case_clocks, clock, rules)
+                if following is not None:
+                    heapq.heappush(self._queue, (following.at, next(self._seq), following))
+        signals += sla.apply(case_clocks, event, rules)
         if isinstance(event, CaseClosed | CaseMerged):
             del self.cases[key]  # resolved cases stay: a reopen restarts their clocks
         else:

@@ -34,6 +34,10 @@ class RulesBook(Generic[R_co]):
         self._starts.insert(i, event.occurred_at)
         self._rules.insert(i, rules)
 
+    def versions(self) -> list[R_co]:
+        """Every policy in the book, the default first, by the instant it takes effect."""
+        return list(self._rules)
+
     def in_force(self, at: datetime) -> R_co:
         rules: R_co = self._rules[bisect.bisect_right(self._starts, at) - 1]
         return rules

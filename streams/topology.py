@@ -12,32 +12,54 @@ from loopservice.streams.pattern_processors import (
     TopicSurgeProcessor,
 )
 from loopservice.streams.processor import Processor
-from loopservice.streams.processors import CaseStateProcessor, HandoffProcessor, SlaProcessor
+from loopservice.streams.processors import (
+    CachedRules,
+    CaseStateProcessor,
+    HandoffProcessor,
+    SlaProcessor,
+)
 from loopservice.streams.rules import RulesBook
 
 
 @dataclass(frozen=True)
 class Topology:
-    """The processors of one engine, with typed handles on those the read side queries."""
+    """The processors of one engine, with typed handles on those the read side queries.
+
+    `by_account` processors keep state per account only, so under Kafka they run per account
+    in the partition the account's key maps to; `tenant_wide` ones count across a tenant's
+    accounts and need their input re-keyed by tenant there.
+    """
 
     cases: CaseStateProcessor
     sla: SlaProcessor
     handoffs: HandoffProcessor
     patterns: tuple[Processor, ...]
+    tenant_wide: tuple[Processor, ...] = ()
+
+    @property
+    def by_account(self) -> list[Processor]:
+        """In engine order: case state, SLA, handoffs, case patterns, follow-ups."""
+        return [self.cases, self.sla, self.handoffs, *self.patterns]
 
     @property
     def processors(self) -> list[Processor]:
-        """In engine order: case state, SLA, handoffs, patterns, surges, follow-ups."""
-        return [self.cases, self.sla, self.handoffs, *self.patterns]
+        """Everything the embedded engine drives: `by_account`, then `tenant_wide`."""
+        return [*self.by_account, *self.tenant_wide]
 
 
-def build_topology(rules: RulesBook[Policy]) -> Topology:
-    """Fresh processors sharing `rules`, into which `policy.published` events are folded."""
+def build_topology(
+    rules: RulesBook[Policy], *, sla_cache: dict[int, CachedRules] | None = None
+) -> Topology:
+    """Fresh processors sharing `rules`, into which `policy.published` events are folded.
+
+    `sla_cache` lets many topologies (one per account under Kafka) share one memo per policy.
+    """
     return Topology(
         cases=CaseStateProcessor(),
-        sla=SlaProcessor(rules),
+        sla=SlaProcessor(rules, cache=sla_cache),
         handoffs=HandoffProcessor(rules),
-        patterns=(CasePatternProcessor(), TopicSurgeProcessor(), FollowupProcessor()),
+        patterns=(CasePatternProcessor(), FollowupProcessor()),
+        tenant_wide=(TopicSurgeProcessor(),),
     )
 
 

@@ -74,13 +74,25 @@ def test_reply_in_time_stops_the_clock(h: Harness) -> None:
 
 def test_watermark_allows_lateness_before_firing(h: Harness) -> None:
     h.feed(opened(0))
-    # an ordinary event at due + 0.5 s does not yet move W past the deadline (lateness 1 s)
-    out = h.feed(event("case.note_added", 1, at=T0 + timedelta(minutes=60, seconds=0.5),
-                       actor=AGENT))  # fmt: skip
+    # another case's event at due + 0.5 s does not yet move W past the deadline (lateness 1 s)
+    out = h.feed(opened(1, case_id="c2", at=T0 + timedelta(minutes=60, seconds=0.5)))
     assert "sla.breached:first_response:" not in kinds(out)
-    out = h.feed(event("case.note_added", 2, at=T0 + timedelta(minutes=60, seconds=1),
-                       actor=AGENT))  # fmt: skip
+    out = h.feed(opened(2, case_id="c3", at=T0 + timedelta(minutes=60, seconds=1)))
     assert "sla.breached:first_response:" in kinds(out)
+
+
+def test_a_case_event_after_the_deadline_finds_the_breach_signalled(h: Harness) -> None:
+    # The case's own timers come first whatever the watermark, so a reply that occurs after
+    # the deadline (still inside the lateness) follows the breach instead of preventing it.
+    h.feed(opened(0))
+    out = h.feed(event("case.agent_replied", 1, at=T0 + timedelta(minutes=60, seconds=0.5),
+                       actor=AGENT))  # fmt: skip
+    assert kinds(out) == [
+        "sla.warning:first_response:50",
+        "sla.warning:first_response:80",
+        "sla.breached:first_response:",
+    ]
+    assert not [s for s in h.tick(600) if s.signal_id in {x.signal_id for x in out}]
 
 
 def test_waiting_on_customer_pauses_resolution(h: Harness) -> None:

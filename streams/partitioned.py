@@ -1,0 +1,296 @@
+"""One Kafka partition's share of the fold: the embedded engine's processors, run per account,
+with their state kept as bytes in a key-value store (a Faust table backed by a changelog topic).
+
+Why per account: a partition holds many accounts and a worker may lose the partition at any
+rebalance, so the state must be recoverable from the changelog alone. Each account gets its
+own `Topology` (the same processors the embedded engine runs, restricted to that account's
+events); after a record changes an account, it is pickled under `acct/<partition>/<tenant>/<id>`.
+What every account shares — the policy book and the objects derived from a policy (calendars,
+memoised answers) — is written as a reference, not a copy, and resolved on load
+(`pickle`'s persistent ids), so a snapshot stays small and the shared objects stay shared.
+
+The partition's own state — watermark, highest event time, the policy events it has seen — is a
+small JSON document under `part/<partition>`, written after the accounts, so a document that
+was written means every account of its batch was too.
+
+Exactly-once effect over an at-least-once consumer: Faust flushes the changelog before it commits
+offsets, so after a crash the state may be ahead of the committed offset but never behind. Each
+account remembers the last offset folded into it and skips records at or below it; the
+partition's own folds (watermark, policy) are idempotent. Signals re-derived while catching up
+carry the same identity and are deduplicated downstream.
+
+Deadlines sit in one heap per partition, `(due, account)`, lazily invalidated and rebuilt from
+the accounts when the partition is assigned; no timer scans every account.
+"""
+
+from __future__ import annotations
+
+import heapq
+import io
+import logging
+import pickle
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from itertools import count
+from typing import Any
+
+import orjson
+
+from loopservice.domain.events import ClockTick, Event, PolicyPublished
+from loopservice.domain.policy import Policy, policy_from_mapping
+from loopservice.domain.signals import Signal
+from loopservice.streams.processors import CachedRules
+from loopservice.streams.rules import RulesBook
+from loopservice.streams.topology import Topology, build_topology
+
+logger = logging.getLogger(__name__)
+
+FailureHandler = Callable[[int, Event, str, Exception], None]
+
+
+def account_key(partition: int, tenant_id: str, account_id: str) -> str:
+    return f"acct/{partition}/{tenant_id}/{account_id}"
+
+
+def partition_key(partition: int) -> str:
+    return f"part/{partition}"
+
+
+@dataclass
+class AccountSlot:
+    applied: int  # the last offset folded into `topology`
+    topology: Topology
+
+
+class Partition:
+    """The processors of one partition; `process` folds a record, `flush` says what to store."""
+
+    def __init__(
+        self,
+        number: int,
+        default_policy: Policy,
+        *,
+        allowed_lateness: timedelta = timedelta(seconds=1),
+        on_failure: FailureHandler | None = None,
+    ) -> None:
+        self.number = number
+        self.allowed_lateness = allowed_lateness
+        self.on_failure = on_failure
+        self.rules: RulesBook[Policy] = RulesBook(default_policy, policy_from_mapping)
+        self.sla_cache: dict[int, CachedRules] = {}
+        self.accounts: dict[str, AccountSlot] = {}
+        self.watermark: datetime | None = None
+        self.max_seen: datetime | None = None
+        self.offset = -1  # the last offset processed
+        self.policies: dict[str, bytes] = {}
+        self._queue: list[tuple[datetime, int, str]] = []
+        self._scheduled: dict[str, datetime] = {}
+        self._seq = count()
+        self._dirty: dict[str, None] = {}  # insertion-ordered set
+        self._meta_dirty = False
+
+    # -- restore -----------------------------------------------------------------------------
+
+    def restore(self, stored: Iterable[tuple[str, bytes]]) -> None:
+        """Loads this partition's entries from the store (others are ignored)."""
+        prefix = f"acct/{self.number}/"
+        accounts: list[tuple[str, bytes]] = []
+        for key, value in stored:
+            if key == partition_key(self.number):
+                self._load_meta(value)
+            elif key.startswith(prefix):
+                accounts.append((key, value))
+        for key, value in accounts:  # after the meta: they refer to its policies
+            slot = self._loads(value)
+            self.accounts[key] = slot
+            self._schedule(key, slot)
+
+    def _load_meta(self, value: bytes) -> None:
+        meta = orjson.loads(value)
+        for raw in meta["policies"]:
+            event = PolicyPublished.model_validate_json(raw)
+            self.rules.publish(event)
+            self.policies[event.event_id] = raw.encode()
+        self.watermark = _dt(meta["watermark"])
+        self.max_seen = _dt(meta["max_seen"])
+        self.offset = meta["offset"]
+
+    # -- the fold ----------------------------------------------------------------------------
+
+    def process(self, offset: int, event: Event) -> list[Signal]:
+        """Folds the record at `offset`; returns the signals it causes (maybe again, after a
+        crash: same identities)."""
+        out: list[Signal] = []
+        if isinstance(event, ClockTick):
+            candidate = event.occurred_at
+        else:
+            if isinstance(event, PolicyPublished):
+                if event.event_id not in self.policies:
+                    self.rules.publish(event)
+                    self.policies[event.event_id] = event.model_dump_json().encode()
+                    self._meta_dirty = True
+            else:
+                out += self._handle(offset, event)
+            if self.max_seen is None or event.occurred_at > self.max_seen:
+                self.max_seen = event.occurred_at
+                self._meta_dirty = True
+            candidate = self.max_seen - self.allowed_lateness
+        if self.watermark is None or candidate > self.watermark:
+            self.watermark = candidate
+            self._meta_dirty = True
+            out += self._advance(candidate)
+        self.offset = max(self.offset, offset)
+        return out
+
+    def _handle(self, offset: int, event: Event) -> list[Signal]:
+        key = account_key(self.number, event.tenant_id, event.account_id)
+        slot = self.accounts.get(key)
+        if slot is None:
+            slot = self.accounts[key] = AccountSlot(
+                -1, build_topology(self.rules, sla_cache=self.sla_cache)
+            )
+        if offset <= slot.applied:
+            return []  # folded before a crash; the changelog was ahead of the offsets
+        out: list[Signal] = []
+        for processor in slot.topology.by_account:
+            try:
+                out += processor.handle(event)
+            except Exception as exc:  # a bad event must not stop the partition: dead-letter it
+                logger.warning(
+                    "processor %s failed on partition %s offset %s (%s): %s",
+                    processor.name,
+                    self.number,
+                    offset,
+                    event.type,
+                    type(exc).__name__,
+                )
+                if self.on_failure is not None:
+                    self.on_failure(offset, event, processor.name, exc)
+        slot.applied = offset
+        self._dirty[key] = None
+        self._schedule(key, slot)
+        return out
+
+    def _advance(self, watermark: datetime) -> list[Signal]:
+        out: list[Signal] = []
+        queue = self._queue
+        while queue and queue[0][0] <= watermark:
+            due, _, key = heapq.heappop(queue)
+            if self._scheduled.get(key) != due:
+                continue  # superseded by a later entry for the account
+            del self._scheduled[key]
+            slot = self.accounts[key]
+            for processor in slot.topology.by_account:
+                out += processor.advance(watermark)
+            self._dirty[key] = None
+            self._schedule(key, slot)
+        return out
+
+    def _schedule(self, key: str, slot: AccountSlot) -> None:
+        dues = [d for p in slot.topology.by_account if (d := p.next_due()) is not None]
+        due = min(dues) if dues else None
+        if due is None or self._scheduled.get(key) == due:
+            return
+        self._scheduled[key] = due
+        heapq.heappush(self._queue, (due, next(self._seq), key))
+
+    def next_due(self) -> datetime | None:
+        """The earliest pending deadline, so the worker knows when a clock tick is worth it."""
+        while self._queue and self._scheduled.get(self._queue[0][2]) != self._queue[0][0]:
+            heapq.heappop(self._queue)
+        return self._queue[0][0] if self._queue else None
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def flush(self) -> list[tuple[str, bytes]]:
+        """The entries to store for what changed since the last flush, the partition last."""
+        shared = self._shared()
+        out = [(key, self._dumps(self.accounts[key], shared)) for key in self._dirty]
+        self._dirty.clear()
+        if self._meta_dirty or out:
+            out.append((partition_key(self.number), self._meta()))
+            self._meta_dirty = False
+        return out
+
+    def _meta(self) -> bytes:
+        return orjson.dumps(
+            {
+                "watermark": _iso(self.watermark),
+                "max_seen": _iso(self.max_seen),
+                "offset": self.offset,
+                "policies": [raw.decode() for raw in self.policies.values()],
+            }
+        )
+
+    def _shared(self) -> dict[int, tuple[str, ...]]:
+        shared: dict[int, tuple[str, ...]] = {
+            id(self.rules): ("rules",),
+            id(self.sla_cache): ("sla_cache",),
+        }
+        for policy in self.rules.versions():
+            shared[id(policy)] = ("policy", policy.version)
+            for name, spec in policy.calendars.named.items():
+                shared[id(spec.calendar)] = ("calendar", policy.version, name)
+        for cached in self.sla_cache.values():
+            shared[id(cached)] = ("cached", cached.version)
+        return shared
+
+    def _dumps(self, slot: AccountSlot, shared: Mapping[int, tuple[str, ...]]) -> bytes:
+        buffer = io.BytesIO()
+        _Pickler(buffer, shared).dump(slot)
+        return buffer.getvalue()
+
+    def _loads(self, value: bytes) -> AccountSlot:
+        slot: AccountSlot = _Unpickler(io.BytesIO(value), self._resolve).load()
+        return slot
+
+    def _resolve(self, pid: tuple[str, ...]) -> Any:
+        kind = pid[0]
+        if kind == "rules":
+            return self.rules
+        if kind == "sla_cache":
+            return self.sla_cache
+        policy = self._policy(pid[1])
+        if kind == "policy":
+            return policy
+        if kind == "calendar":
+            return policy.calendars.named[pid[2]].calendar
+        if kind == "cached":
+            cached = self.sla_cache.get(id(policy))
+            if cached is None or cached.rules is not policy:
+                cached = self.sla_cache[id(policy)] = CachedRules(policy)
+            return cached
+        raise pickle.UnpicklingError(f"unknown shared object {pid!r}")
+
+    def _policy(self, version: str) -> Policy:
+        for policy in self.rules.versions():
+            if policy.version == version:
+                return policy
+        raise pickle.UnpicklingError(f"policy version {version} is not on this partition")
+
+
+class _Pickler(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, shared: Mapping[int, tuple[str, ...]]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._shared_ids = shared
+
+    def persistent_id(self, obj: Any) -> tuple[str, ...] | None:
+        return self._shared_ids.get(id(obj))
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, resolve: Callable[[tuple[str, ...]], Any]) -> None:
+        super().__init__(file)
+        self._resolve = resolve
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._resolve(tuple(pid))
+
+
+def _iso(at: datetime | None) -> str | None:
+    return at.isoformat() if at is not None else None
+
+
+def _dt(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text is not None else None
