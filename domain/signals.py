@@ -61,12 +61,53 @@ class HandoffRuleViolated(SignalBase):
     detail: str
 
 
-class RiskChanged(SignalBase):
-    type: Literal["risk.changed"] = "risk.changed"
+RiskLevel = Literal["low", "medium", "high"]
+
+
+class RiskFactor(BaseModel):
+    """One reason behind a health score: its points and the events that gave them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    factor: str
+    points: float = Field(ge=0, le=100)
+    detail: str
+    caused_by: tuple[str, ...]
+
+
+class RiskSignal(SignalBase):
+    """An account's churn-risk level changed; `factors` are the top reasons, most points first.
+
+    Owned by the account's customer-success owner, so it routes to the success team."""
+
     score: float = Field(ge=0, le=100)
-    level: Literal["low", "medium", "high"]
-    previous_level: Literal["low", "medium", "high"]
-    reasons: tuple[str, ...]
+    level: RiskLevel
+    previous_level: RiskLevel
+    factors: tuple[RiskFactor, ...]
+    owner_id: str | None = None
+    team: Team = Team.SUCCESS
+
+
+class RiskRaised(RiskSignal):
+    type: Literal["risk.raised"] = "risk.raised"
+
+
+class RiskCleared(RiskSignal):
+    """The level fell (to medium or low) below the raise threshold minus the hysteresis band."""
+
+    type: Literal["risk.cleared"] = "risk.cleared"
+
+
+class OpportunityDetected(SignalBase):
+    """An expansion or advocacy opening: usage close to the plan's seats, a promoter."""
+
+    type: Literal["opportunity.detected"] = "opportunity.detected"
+    opportunity: str
+    key: str
+    evidence: tuple[str, ...] = ()
+    detail: str = ""
+    owner_id: str | None = None
+    team: Team = Team.SUCCESS
 
 
 class PatternDetected(SignalBase):
@@ -82,8 +123,10 @@ Signal = Annotated[
     | SlaBreached
     | SlaBreachRetracted
     | HandoffRuleViolated
-    | RiskChanged
-    | PatternDetected,
+    | RiskRaised
+    | RiskCleared
+    | PatternDetected
+    | OpportunityDetected,
     Field(discriminator="type"),
 ]
 
@@ -91,5 +134,5 @@ SIGNAL_ADAPTER: TypeAdapter[Signal] = TypeAdapter(Signal)
 
 
 def signal_models() -> tuple[type[SignalBase], ...]:
-    return (SlaWarning, SlaBreached, SlaBreachRetracted, HandoffRuleViolated, RiskChanged,
-            PatternDetected)  # fmt: skip
+    return (SlaWarning, SlaBreached, SlaBreachRetracted, HandoffRuleViolated, RiskRaised,
+            RiskCleared, PatternDetected, OpportunityDetected)  # fmt: skip

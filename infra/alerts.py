@@ -83,7 +83,8 @@ ALERTABLE_TYPES: frozenset[str] = frozenset(
         "sla.warning",
         "sla.breach_retracted",
         "handoff.rule_violated",
-        "risk.changed",
+        "risk.raised",
+        "risk.cleared",
         "pattern.detected",
     }
 )

@@ -24,7 +24,7 @@ from loopservice.domain.policy import Policy, PolicyError, policy_from_mapping
 from loopservice.domain.signals import (
     HandoffRuleViolated,
     PatternDetected,
-    RiskChanged,
+    RiskSignal,
     SlaSignal,
 )
 from loopservice.infra.settings import Settings
@@ -156,7 +156,7 @@ def case_decisions(
             kind, what = "handoff", f"{s.rule}: {s.from_team} → {s.to_team} ({s.detail})"
         elif isinstance(s, PatternDetected):
             kind, what = "pattern", f"{s.pattern} {s.key}" + (f": {s.detail}" if s.detail else "")
-        elif isinstance(s, RiskChanged):
+        elif isinstance(s, RiskSignal):
             kind, what = "risk", f"{s.previous_level} → {s.level} ({s.score:g})"
         else:  # pragma: no cover - every signal type is handled above
             kind, what = s.type, ""

@@ -274,6 +274,34 @@ class _Simulation:
         )
         if a.onboarding:
             self._onboarding(a, d, ts)
+        elif d == 0 and self.cfg.history_days:
+            self._usage_history(a, ts)
+
+    def _usage_history(self, a: Account, ts: int) -> None:
+        """The account's daily usage before the start, as the product-analytics backfill that
+        an existing customer brings along, recorded at the start. Drawn from its own random
+        stream, so the rest of the run is the same with or without history."""
+        rng = random.Random(f"history:{self.cfg.seed}:{a.account_id}")
+        for k, d in enumerate(range(-self.cfg.history_days, 0)):
+            weekend = (self.cfg.start.weekday() + d) % 7 >= 5
+            value = a.seats * a.engagement * a.health_factor(d) * (0.3 if weekend else 1.0)
+            value *= rng.gauss(1.0, 0.09)
+            day = (self.cfg.start + timedelta(days=d)).isoformat()
+            self._push(
+                ts + 60 + k,
+                "usage.recorded",
+                a,
+                None,
+                "in-app",
+                "product-analytics",
+                {"kind": "system", "id": "usage-backfill"},
+                {
+                    "metric": "active_users",
+                    "value": round(max(0.0, value), 1),
+                    "period_start": day,
+                    "period_end": day,
+                },
+            )
 
     def _onboarding(self, a: Account, d: int, ts: int) -> None:
         rng = self.rng
@@ -791,6 +819,13 @@ def ground_truth(config: SimulationConfig) -> dict[str, Any]:
 @click.option("--days", type=click.IntRange(min=1), default=90, show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option(
+    "--history-days",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="daily usage of existing accounts before the start, backfilled at the start",
+)
+@click.option(
     "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="NDJSON events"
 )
 @click.option(
@@ -807,10 +842,18 @@ def ground_truth(config: SimulationConfig) -> dict[str, Any]:
     help="first simulated day (UTC)",
 )
 def simulate_command(
-    accounts: int, days: int, seed: int, out: Path, truth: Path | None, start: datetime
+    accounts: int,
+    days: int,
+    seed: int,
+    history_days: int,
+    out: Path,
+    truth: Path | None,
+    start: datetime,
 ) -> None:
     """Write a deterministic, realistic service workload as NDJSON plus its ground truth."""
-    config = SimulationConfig(accounts=accounts, days=days, seed=seed, start=start.date())
+    config = SimulationConfig(
+        accounts=accounts, days=days, seed=seed, start=start.date(), history_days=history_days
+    )
     truth_path = truth or out.with_name(out.name + ".truth.json")
     console = Console(stderr=True)
     began = wallclock.perf_counter()

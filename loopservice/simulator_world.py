@@ -27,10 +27,13 @@ class SimulationConfig:
     days: int = 90
     seed: int = 1
     start: date = DEFAULT_START
+    history_days: int = 0  # daily usage before the start, backfilled at the start
 
     def __post_init__(self) -> None:
         if self.accounts < 1 or self.days < 1:
             raise ValueError("accounts and days must be at least 1")
+        if self.history_days < 0:
+            raise ValueError("history_days must not be negative")
 
     @property
     def start_ts(self) -> int:
@@ -309,6 +312,7 @@ class World:
                 "accounts": cfg.accounts,
                 "days": cfg.days,
                 "seed": cfg.seed,
+                "history_days": cfg.history_days,
                 "start": iso(cfg.start_ts),
                 "end": iso(cfg.end_ts),
             },

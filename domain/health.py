@@ -1,0 +1,679 @@
+"""Account health and churn risk, and expansion openings: a decider over one account's events.
+
+`AccountHealth` is the state, `evolve` folds one event into it, `observe` folds an SLA signal
+the account suffered, `assess(state, at, rules)` scores it at an instant and `decide` turns a
+level change into a signal. No I/O, no wall clock: every time is an event time or a due instant
+the engine passes in, so a replay of the same log gives the same scores and signals.
+
+The score is the sum of factor points, each factor capped at its weight in the policy's
+`[health]` section, clamped to 0–100:
+
+- usage_decline: the mean of the usage metric over the last `usage_recent_days` against the
+  account's own baseline, the highest `usage_window_days` mean of the `usage_baseline_days`
+  before (a peak, so a slow slide does not drag its own baseline down). Points grow from a
+  drop of `usage_decline_from` to full at `usage_decline_full`; no usage at all in the recent
+  window after a baseline counts as a full drop.
+- case_volume: cases opened in the last `case_window_days` against the account's own rate
+  before that (with a prior of `case_prior_per_window` so a young account has a baseline);
+  points grow with the Poisson z-score from `case_z_from` to `case_z_full`.
+- sla_breaches: SLA breaches the account suffered in `breach_window_days` (retracted ones
+  removed), full at `breaches_full`.
+- open_high_priority: open cases at a priority in `high_priorities`, full at `open_high_full`.
+- nps: the latest NPS answer within `survey_window_days`; a detractor scores from half the
+  weight (at `nps_detractor_max`) to the full weight (at 0).
+- csat: CSAT answers ≤ `csat_low_max` within `survey_window_days`, full at `csat_low_full`.
+- onboarding: milestones missed and not reached since, full at `milestones_full`.
+- renewal: the renewal date within `renewal_window_days`, growing as it nears; alone it is
+  never enough to raise the level (its weight sits below the medium threshold).
+- owner_change: the account's owner changed within `owner_change_days`.
+
+Levels: medium from `medium_at`, high from `high_at`; a level is left downwards only when the
+score falls `hysteresis` points below the threshold that raised it, so a score that hovers at
+a threshold does not flap. Every factor names the events that gave its points, and a risk
+signal names the top `explain_top` factors and their events.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from loopservice.domain.events import (
+    AccountChurned,
+    AccountRenewed,
+    AccountUpdated,
+    CaseClosed,
+    CaseMerged,
+    CaseOpened,
+    CaseReopened,
+    CaseResolved,
+    Event,
+    Level,
+    MilestoneMissed,
+    MilestoneReached,
+    Priority,
+    PriorityChanged,
+    SurveyAnswered,
+    SurveyKind,
+    Tier,
+    UsageRecorded,
+)
+from loopservice.domain.signals import (
+    OpportunityDetected,
+    RiskCleared,
+    RiskFactor,
+    RiskLevel,
+    RiskRaised,
+    Signal,
+    SlaBreached,
+    SlaBreachRetracted,
+)
+
+Points = Annotated[float, Field(ge=0, le=100)]
+Days = Annotated[int, Field(ge=1)]
+Ratio = Annotated[float, Field(ge=0, le=1)]
+
+LEVELS: tuple[RiskLevel, ...] = ("low", "medium", "high")
+SUFFERED_METRICS = frozenset({"first_response", "next_response", "resolution"})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class HealthWeights(_Section):
+    """The most points each factor can add to the 0–100 score."""
+
+    usage_decline: Points = 35
+    usage_slide: Points = 20
+    case_volume: Points = 10
+    sla_breaches: Points = 10
+    open_high_priority: Points = 10
+    nps: Points = 20
+    csat: Points = 10
+    onboarding: Points = 15
+    renewal: Points = 10
+    owner_change: Points = 5
+
+
+class HealthRules(_Section):
+    """The `[health]` policy section: weights, windows and thresholds of the health model."""
+
+    weights: HealthWeights = Field(default_factory=HealthWeights)
+    medium_at: Points = 45
+    high_at: Points = 65
+    hysteresis: Points = 10
+    explain_top: Annotated[int, Field(ge=1)] = 3
+    usage_metric: str = "active_users"
+    usage_recent_days: Days = 7
+    usage_window_days: Days = 28
+    usage_baseline_days: Days = 84
+    usage_min_baseline_days: Days = 14
+    usage_decline_from: Ratio = 0.1
+    usage_decline_full: Ratio = 0.4
+    slide_step: Ratio = 0.02
+    slide_stride_weeks: Annotated[int, Field(ge=1, le=4)] = 2
+    slide_steps_full: Annotated[int, Field(ge=2, le=6)] = 2
+    case_window_days: Days = 30
+    case_baseline_days: Days = 120
+    case_prior_per_window: Annotated[float, Field(gt=0)] = 1.0
+    case_z_from: float = 1.0
+    case_z_full: float = 3.0
+    breach_window_days: Days = 30
+    breaches_full: Days = 3
+    high_priorities: tuple[Priority, ...] = (Priority.P1, Priority.P2)
+    open_high_full: Days = 2
+    survey_window_days: Days = 90
+    nps_detractor_max: Annotated[int, Field(ge=0, le=10)] = 6
+    csat_low_max: Annotated[int, Field(ge=1, le=5)] = 2
+    csat_low_full: Days = 2
+    milestones_full: Days = 2
+    renewal_window_days: Days = 60
+    owner_change_days: Days = 60
+    # expansion openings
+    limit_near: Ratio = 0.85
+    limit_rearm: Ratio = 0.75
+    promoter_min: Annotated[int, Field(ge=0, le=10)] = 9
+
+    def level_for(self, score: float, current: RiskLevel) -> RiskLevel:
+        """The level a score gives from `current`: up at a threshold, down only below it by
+        the hysteresis band."""
+        up: RiskLevel = (
+            "high" if score >= self.high_at else "medium" if score >= self.medium_at else "low"
+        )
+        if LEVELS.index(up) >= LEVELS.index(current):
+            return up
+        if current == "high" and score >= self.high_at - self.hysteresis:
+            return "high"
+        if score >= self.medium_at - self.hysteresis:
+            return "medium"
+        return "low"
+
+
+DEFAULT_HEALTH = HealthRules()
+
+
+# --- state -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """A dated piece of evidence."""
+
+    at: datetime
+    event_id: str
+
+
+@dataclass(slots=True)
+class OpenCase:
+    priority: Priority
+    causes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Survey:
+    at: datetime
+    score: int
+    event_id: str
+
+
+@dataclass(slots=True)
+class AccountHealth:
+    tenant_id: str
+    account_id: str
+    tier: Tier | None = None
+    seats: int | None = None
+    seats_cause: str | None = None
+    owner_id: str | None = None
+    renewal: tuple[date, str] | None = None
+    owner_changes: list[Mark] = field(default_factory=list)
+    first_seen: datetime | None = None
+    churned: bool = False
+    usage: dict[int, tuple[float, str]] = field(default_factory=dict)  # by day ordinal
+    cases_opened: list[Mark] = field(default_factory=list)
+    open_cases: dict[str, OpenCase] = field(default_factory=dict)
+    breaches: dict[str, tuple[datetime, tuple[str, ...]]] = field(default_factory=dict)
+    nps: list[Survey] = field(default_factory=list)
+    csat: list[Survey] = field(default_factory=list)
+    missed: dict[str, Mark] = field(default_factory=dict)
+    # the decision so far
+    level: RiskLevel = "low"
+    score: float = 0.0
+    factors: tuple[RiskFactor, ...] = ()
+    evaluated_at: datetime | None = None
+    limit_armed: bool = True
+    usage_version: int = 0
+    usage_cache: tuple[date, int, UsageView] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    score: float
+    factors: tuple[RiskFactor, ...]  # every factor with points, most points first
+
+
+PriorityOf = Callable[[Level, Level, Tier | None], Priority]
+
+
+# --- evolve ------------------------------------------------------------------------------
+
+
+def evolve(
+    state: AccountHealth, event: Event, rules: HealthRules, priority_of: PriorityOf
+) -> list[OpportunityDetected]:
+    """Folds one event of the account; returns the expansion openings it shows at once."""
+    at = event.occurred_at
+    if state.first_seen is None or at < state.first_seen:
+        state.first_seen = at
+    match event:
+        case AccountUpdated():
+            if event.tier is not None:
+                state.tier = event.tier
+            if event.seats is not None:
+                state.seats, state.seats_cause = event.seats, event.event_id
+            if event.renewal_date is not None:
+                state.renewal = (event.renewal_date, event.event_id)
+            if event.owner_id is not None:
+                if state.owner_id is not None and event.owner_id != state.owner_id:
+                    state.owner_changes.append(Mark(at, event.event_id))
+                state.owner_id = event.owner_id
+        case AccountRenewed():
+            if event.next_renewal_date is not None:
+                state.renewal = (event.next_renewal_date, event.event_id)
+        case AccountChurned():
+            state.churned = True
+        case UsageRecorded():
+            if event.metric == rules.usage_metric:
+                state.usage[event.period_end.toordinal()] = (event.value, event.event_id)
+                state.usage_version += 1
+                _prune_usage(state, event.period_end, rules)
+                return _near_limit(state, event, rules)
+        case CaseOpened():
+            assert event.case_id is not None
+            if event.case_id not in state.open_cases:
+                state.cases_opened.append(Mark(at, event.event_id))
+                priority = priority_of(event.impact, event.urgency, state.tier)
+                state.open_cases[event.case_id] = OpenCase(priority, (event.event_id,))
+        case PriorityChanged():
+            case = state.open_cases.get(event.case_id or "")
+            if case is not None:
+                case.priority = event.priority
+                case.causes = (*case.causes[:1], event.event_id)
+        case CaseResolved() | CaseClosed() | CaseMerged():
+            state.open_cases.pop(event.case_id or "", None)
+        case CaseReopened():
+            assert event.case_id is not None
+            if event.case_id not in state.open_cases:
+                state.open_cases[event.case_id] = OpenCase(Priority.P3, (event.event_id,))
+        case SurveyAnswered():
+            survey = Survey(at, event.score, event.event_id)
+            if event.kind is SurveyKind.NPS:
+                state.nps.append(survey)
+                if event.score >= rules.promoter_min and state.level == "low":
+                    return [_promoter(state, event)]
+            elif event.kind is SurveyKind.CSAT:
+                state.csat.append(survey)
+        case MilestoneMissed():
+            state.missed[event.milestone] = Mark(at, event.event_id)
+        case MilestoneReached():
+            state.missed.pop(event.milestone, None)
+    return []
+
+
+def is_backfill(event: Event) -> bool:
+    """A usage record for a period that ended days before it was recorded: history being
+    filled in. It feeds the baseline, but its arrival is no moment to score the account."""
+    return isinstance(event, UsageRecorded) and (
+        event.occurred_at.date() - event.period_end > timedelta(days=1)
+    )
+
+
+def observe(state: AccountHealth, signal: Signal) -> None:
+    """Folds an SLA signal about one of the account's cases: breaches it suffered count
+    against its health until a late event retracts them."""
+    if isinstance(signal, SlaBreached) and signal.metric in SUFFERED_METRICS:
+        state.breaches[signal.signal_id] = (signal.due_at, signal.caused_by)
+    elif isinstance(signal, SlaBreachRetracted):
+        state.breaches.pop(signal.retracts, None)
+
+
+def _prune_usage(state: AccountHealth, newest: date, rules: HealthRules) -> None:
+    keep = rules.usage_recent_days + rules.usage_baseline_days + 1
+    if len(state.usage) > keep + 7:
+        oldest = newest.toordinal() - keep
+        for d in [d for d in state.usage if d < oldest]:
+            del state.usage[d]
+
+
+# --- assess ------------------------------------------------------------------------------
+
+
+def assess(state: AccountHealth, at: datetime, rules: HealthRules) -> Assessment:
+    """The account's score at `at` with every contributing factor, most points first."""
+    w = rules.weights
+    found = [
+        _usage(state, at, rules, w.usage_decline),
+        _slide(state, at, rules, w.usage_slide),
+        _case_volume(state, at, rules, w.case_volume),
+        _breaches(state, at, rules, w.sla_breaches),
+        _open_high(state, rules, w.open_high_priority),
+        _nps(state, at, rules, w.nps),
+        _csat(state, at, rules, w.csat),
+        _onboarding(state, rules, w.onboarding),
+        _renewal(state, at, rules, w.renewal),
+        _owner(state, at, rules, w.owner_change),
+    ]
+    factors = sorted(
+        (f for f in found if f is not None and f.points > 0),
+        key=lambda f: (-f.points, f.factor),
+    )
+    score = round(min(100.0, sum(f.points for f in factors)), 1)
+    return Assessment(score, tuple(factors))
+
+
+def _factor(name: str, points: float, detail: str, causes: tuple[str, ...]) -> RiskFactor:
+    return RiskFactor(
+        factor=name, points=round(min(100.0, points), 1), detail=detail, caused_by=causes
+    )
+
+
+def _ramp(value: float, start: float, full: float) -> float:
+    if full <= start:
+        return 1.0 if value >= full else 0.0
+    return min(1.0, max(0.0, (value - start) / (full - start)))
+
+
+@dataclass(frozen=True, slots=True)
+class UsageView:
+    recent: float | None  # mean over the last `usage_recent_days`
+    baseline: float | None  # the best `usage_window_days` mean before them
+    weekly: tuple[float | None, ...]  # 7-day means every `slide_stride_weeks`, latest first
+    causes: tuple[str, ...]  # the recent records' event ids
+
+
+def usage_view(state: AccountHealth, today: date, rules: HealthRules) -> UsageView:
+    """The account's usage as seen on the day `today`."""
+    cached = state.usage_cache
+    if cached is not None and cached[0] == today and cached[1] == state.usage_version:
+        return cached[2]
+    usage = state.usage
+    last = today.toordinal()
+    recent_first = last - rules.usage_recent_days + 1
+    recent = [usage[o] for o in range(recent_first, last + 1) if o in usage]
+    n = rules.usage_baseline_days
+    values = [usage[o][0] if o in usage else None for o in range(recent_first - n, recent_first)]
+    best: float | None = None
+    width = rules.usage_window_days
+    end = n  # windows end at the baseline's last day and step back a week at a time
+    while end >= rules.usage_min_baseline_days:
+        window = [v for v in values[max(0, end - width) : end] if v is not None]
+        if len(window) >= rules.usage_min_baseline_days:
+            mean = sum(window) / len(window)
+            best = mean if best is None or mean > best else best
+        end -= 7
+    weekly: list[float | None] = []
+    for k in range(
+        0, rules.slide_stride_weeks * rules.slide_steps_full + 1, rules.slide_stride_weeks
+    ):
+        week = [usage[o][0] for o in range(last - 7 * k - 6, last - 7 * k + 1) if o in usage]
+        weekly.append(sum(week) / len(week) if len(week) >= 5 else None)
+    recent_mean = sum(v for v, _ in recent) / len(recent) if recent else None
+    found = UsageView(recent_mean, best, tuple(weekly), tuple(e for _, e in recent))
+    state.usage_cache = (today, state.usage_version, found)
+    return found
+
+
+def _usage(state: AccountHealth, at: datetime, rules: HealthRules, weight: float) -> RiskFactor:
+    view = usage_view(state, at.date(), rules)
+    recent, base = view.recent, view.baseline
+    if base is None or base <= 0:
+        return _factor("usage_decline", 0, "", ())
+    if recent is None:
+        last = max(state.usage, default=None)
+        cause = (state.usage[last][1],) if last is not None else ()
+        return _factor("usage_decline", weight, f"no {rules.usage_metric} recorded lately", cause)
+    drop = 1 - recent / base
+    points = weight * _ramp(drop, rules.usage_decline_from, rules.usage_decline_full)
+    detail = (
+        f"{rules.usage_metric} {rules.usage_recent_days}-day mean {recent:.1f} is "
+        f"{drop:.0%} below its baseline {base:.1f}"
+    )
+    return _factor("usage_decline", points, detail, view.causes)
+
+
+def _slide(
+    state: AccountHealth, at: datetime, rules: HealthRules, weight: float
+) -> RiskFactor | None:
+    """Usage still falling: 7-day means `slide_stride_weeks` apart, each lower than the one
+    before by at least `slide_step` (a slide, not a one-off step down)."""
+    view = usage_view(state, at.date(), rules)
+    weekly = view.weekly
+    streak = 0
+    while streak + 1 < len(weekly):
+        this, before = weekly[streak], weekly[streak + 1]
+        if this is None or before is None or this >= before * (1 - rules.slide_step):
+            break
+        streak += 1
+    if streak < 2:
+        return None
+    this, first = weekly[0], weekly[streak]
+    assert this is not None and first is not None
+    fall = 1 - this / first
+    if fall < rules.usage_decline_from:
+        return None
+    points = weight * min(1.0, streak / rules.slide_steps_full)
+    weeks = streak * rules.slide_stride_weeks
+    return _factor(
+        "usage_slide",
+        points,
+        f"{rules.usage_metric} still falling: {fall:.0%} over {weeks} weeks",
+        view.causes,
+    )
+
+
+def _case_volume(
+    state: AccountHealth, at: datetime, rules: HealthRules, weight: float
+) -> RiskFactor | None:
+    window = timedelta(days=rules.case_window_days)
+    horizon = at - timedelta(days=rules.case_baseline_days)
+    if state.cases_opened and state.cases_opened[0].at < horizon:
+        state.cases_opened = [m for m in state.cases_opened if m.at >= horizon]
+    recent = [m for m in state.cases_opened if at - window < m.at <= at]
+    if not recent:
+        return None
+    first = max(state.first_seen or at, horizon)
+    history_days = max(0.0, (at - window - first).total_seconds() / 86_400)
+    before = sum(1 for m in state.cases_opened if m.at <= at - window)
+    prior_days = float(rules.case_window_days)
+    expected = (before + rules.case_prior_per_window) / (history_days + prior_days)
+    expected *= rules.case_window_days
+    z = (len(recent) - expected) / math.sqrt(max(expected, 1.0))
+    points = weight * _ramp(z, rules.case_z_from, rules.case_z_full)
+    detail = (
+        f"{len(recent)} cases in {rules.case_window_days} days against {expected:.1f} expected "
+        f"from its own history"
+    )
+    return _factor("case_volume", points, detail, tuple(m.event_id for m in recent))
+
+
+def _breaches(
+    state: AccountHealth, at: datetime, rules: HealthRules, weight: float
+) -> RiskFactor | None:
+    since = at - timedelta(days=rules.breach_window_days)
+    recent = sorted((due, causes) for due, causes in state.breaches.values() if since < due <= at)
+    if not recent:
+        return None
+    causes = tuple(dict.fromkeys(c for _, cs in recent for c in cs))
+    points = weight * min(1.0, len(recent) / rules.breaches_full)
+    return _factor(
+        "sla_breaches",
+        points,
+        f"{len(recent)} SLA breaches in {rules.breach_window_days} days",
+        causes,
+    )
+
+
+def _open_high(state: AccountHealth, rules: HealthRules, weight: float) -> RiskFactor | None:
+    high = [c for c in state.open_cases.values() if c.priority in rules.high_priorities]
+    if not high:
+        return None
+    causes = tuple(dict.fromkeys(e for c in high for e in c.causes))
+    points = weight * min(1.0, len(high) / rules.open_high_full)
+    names = "/".join(p.value for p in rules.high_priorities)
+    return _factor("open_high_priority", points, f"{len(high)} open {names} cases", causes)
+
+
+def _nps(
+    state: AccountHealth, at: datetime, rules: HealthRules, weight: float
+) -> RiskFactor | None:
+    since = at - timedelta(days=rules.survey_window_days)
+    latest = next((s for s in reversed(state.nps) if since < s.at <= at), None)
+    if latest is None or latest.score > rules.nps_detractor_max:
+        return None
+    depth = (rules.nps_detractor_max - latest.score) / max(1, rules.nps_detractor_max)
+    points = weight * (0.5 + 0.5 * depth)
+    return _factor("nps", points, f"latest NPS {latest.score} (detractor)", (latest.event_id,))
+
+
+def _csat(
+    state: AccountHealth, at: datetime, rules: HealthRules, weight: float
+) -> RiskFactor | None:
+    since = at - timedelta(days=rules.survey_window_days)
+    low = [s for s in state.csat if since < s.at <= at and s.score <= rules.csat_low_max]
+    if not low:
+        return None
+    points = weight * min(1.0, len(low) / rules.csat_low_full)
+    return _factor(
+        "csat",
+        points,
+        f"{len(low)} CSAT answers of {rules.csat_low_max} or less in "
+        f"{rules.survey_window_days} days",
+        tuple(s.event_id for s in low),
+    )
+
+
+def _onboarding(state: AccountHealth, rules: HealthRules, weight: float) -> RiskFactor | None:
+    if not state.missed:
+        return None
+    names = sorted(state.missed)
+    points = weight * min(1.0, len(names) / rules.milestones_full)
+    return _factor(
+        "onboarding",
+        points,
+        "onboarding milestones missed: " + ", ".join(names),
+        tuple(state.missed[n].event_id for n in names),
+    )
+
+
+def _renewal(
+    state: AccountHealth, at: datetime, rules: HealthRules, weight: float
+) -> RiskFactor | None:
+    if state.renewal is None:
+        return None
+    renews, cause = state.renewal
+    days = (datetime.combine(renews, time(), UTC) - at).total_seconds() / 86_400
+    if not 0 <= days <= rules.renewal_window_days:
+        return None
+    points = weight * (1 - days / rules.renewal_window_days)
+    return _factor(
+        "renewal", points, f"renewal on {renews.isoformat()} in {days:.0f} days", (cause,)
+    )
+
+
+def _owner(
+    state: AccountHealth, at: datetime, rules: HealthRules, weight: float
+) -> RiskFactor | None:
+    since = at - timedelta(days=rules.owner_change_days)
+    recent = [m for m in state.owner_changes if since < m.at <= at]
+    if not recent:
+        return None
+    return _factor(
+        "owner_change",
+        weight,
+        f"owner changed {len(recent)} time(s) in {rules.owner_change_days} days",
+        tuple(m.event_id for m in recent),
+    )
+
+
+# --- decide ------------------------------------------------------------------------------
+
+
+def decide(
+    state: AccountHealth,
+    at: datetime,
+    rules: HealthRules,
+    policy_version: str,
+    trigger: str | None = None,
+) -> list[RiskRaised | RiskCleared]:
+    """Scores the account at `at`; returns the risk raised or cleared if its level changed.
+
+    `trigger` is the event that prompted the assessment (None for a scheduled one); a cleared
+    signal whose factors have all gone names the factors it clears instead."""
+    if state.churned:
+        return []
+    now = at if state.evaluated_at is None else max(at, state.evaluated_at)
+    found = assess(state, now, rules)
+    previous = state.level
+    level = rules.level_for(found.score, previous)
+    before = state.factors
+    state.score, state.factors, state.evaluated_at = found.score, found.factors, now
+    if level == previous:
+        return []
+    state.level = level
+    top = found.factors[: rules.explain_top]
+    causes = tuple(dict.fromkeys(c for f in top for c in f.caused_by))
+    if not causes:
+        causes = tuple(dict.fromkeys(c for f in before[: rules.explain_top] for c in f.caused_by))
+    if not causes and trigger is not None:
+        causes = (trigger,)
+    if not causes:
+        return []  # nothing on the log explains it: cannot happen while factors name events
+    raised = LEVELS.index(level) > LEVELS.index(previous)
+    kind = RiskRaised if raised else RiskCleared
+    name = "risk.raised" if raised else "risk.cleared"
+    return [
+        kind(
+            signal_id=f"{name}/{state.tenant_id}/{state.account_id}/{level}/{now.isoformat()}",
+            tenant_id=state.tenant_id,
+            account_id=state.account_id,
+            detected_at=now,
+            caused_by=causes,
+            policy_version=policy_version,
+            score=found.score,
+            level=level,
+            previous_level=previous,
+            factors=top,
+            owner_id=state.owner_id,
+        )
+    ]
+
+
+# --- expansion openings ------------------------------------------------------------------
+
+
+def _near_limit(
+    state: AccountHealth, event: UsageRecorded, rules: HealthRules
+) -> list[OpportunityDetected]:
+    """Usage close to the seats bought, and not declining: once per episode, re-armed when
+    usage falls back below `limit_rearm` of the seats."""
+    if not state.seats:
+        return []
+    today = event.period_end
+    last = today.toordinal()
+    days = range(last - rules.usage_recent_days + 1, last + 1)
+    values = sorted((state.usage[d][0] for d in days if d in state.usage), reverse=True)
+    if len(values) < rules.usage_recent_days:
+        return []
+    busy = values[: max(1, len(values) * 5 // 7)]  # working days: weekends do not fill seats
+    ratio = sum(busy) / len(busy) / state.seats
+    if ratio < rules.limit_rearm:
+        state.limit_armed = True
+    if not state.limit_armed or ratio < rules.limit_near:
+        return []
+    view = usage_view(state, today, rules)
+    recent, base = view.recent, view.baseline
+    if recent is None or base is None or recent < base * (1 - rules.usage_decline_from):
+        return []
+    state.limit_armed = False
+    causes = view.causes
+    evidence = (*causes, state.seats_cause) if state.seats_cause else causes
+    return [
+        OpportunityDetected(
+            signal_id=(
+                f"opportunity/usage_near_limit/{state.tenant_id}/{state.account_id}/"
+                f"{today.isoformat()}"
+            ),
+            tenant_id=state.tenant_id,
+            account_id=state.account_id,
+            detected_at=event.occurred_at,
+            caused_by=evidence,
+            opportunity="usage_near_limit",
+            key=state.account_id,
+            evidence=evidence,
+            detail=(
+                f"{rules.usage_metric} on working days at {ratio:.0%} of {state.seats} seats, "
+                f"steady or growing against its baseline: an expansion conversation"
+            ),
+            owner_id=state.owner_id,
+        )
+    ]
+
+
+def _promoter(state: AccountHealth, event: SurveyAnswered) -> OpportunityDetected:
+    return OpportunityDetected(
+        signal_id=f"opportunity/promoter/{state.tenant_id}/{event.event_id}",
+        tenant_id=state.tenant_id,
+        account_id=state.account_id,
+        detected_at=event.occurred_at,
+        caused_by=(event.event_id,),
+        opportunity="promoter",
+        key=state.account_id,
+        evidence=(event.event_id,),
+        detail=f"NPS {event.score} from a low-risk account: reference, review or upsell",
+        owner_id=state.owner_id,
+    )

@@ -1,0 +1,347 @@
+"""Account health: each factor moves the score the right way, levels do not flap, every risk
+signal names its causes, and the processor replays to the same signals."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from factories import T0, event
+from loopservice.domain import health
+from loopservice.domain.events import Event, Level, Priority, Tier
+from loopservice.domain.health import AccountHealth, HealthRules
+from loopservice.domain.signals import (
+    OpportunityDetected,
+    RiskCleared,
+    RiskRaised,
+    Signal,
+    SlaBreached,
+    SlaBreachRetracted,
+)
+from loopservice.evaluate import EventList
+from loopservice.policy_cli import default_policy
+from loopservice.simulator import SimulationConfig, generate
+from loopservice.streams.audit import MemorySignalLog
+from loopservice.streams.engine import EmbeddedEngine
+from loopservice.streams.health_processor import HealthProcessor
+from loopservice.streams.rules import RulesBook
+from loopservice.streams.topology import derive_processors
+
+RULES = HealthRules()
+SYSTEM = {"kind": "system", "id": "crm-sync"}
+START = datetime(2026, 1, 5, tzinfo=UTC)  # a Monday
+
+
+def priority_of(impact: Level, urgency: Level, tier: Tier | None) -> Priority:
+    return default_policy().priority_for(impact, urgency, tier)
+
+
+class Account:
+    """One account's events, numbered in order, folded into a fresh state."""
+
+    def __init__(self) -> None:
+        self.state = AccountHealth("acme", "acct-1")
+        self.n = 0
+        self.found: list[Signal] = []
+
+    def fold(self, type_: str, at: datetime, case: str | None = None, **fields: Any) -> Event:
+        self.n += 1
+        fields.setdefault("actor", SYSTEM)
+        ev = event(type_, self.n, at=at, case=case, **fields)
+        self.found += health.evolve(self.state, ev, RULES, priority_of)
+        return ev
+
+    def usage(self, day: int, value: float) -> Event:
+        d = (START + timedelta(days=day)).date()
+        at = START + timedelta(days=day, hours=23, minutes=30)
+        return self.fold(
+            "usage.recorded", at, metric="active_users", value=value, period_start=d, period_end=d
+        )
+
+    def steady(self, days: int, value: float = 100.0) -> None:
+        for day in range(days):
+            weekend = (START + timedelta(days=day)).weekday() >= 5
+            self.usage(day, value * (0.3 if weekend else 1.0))
+
+    def factors(self, at: datetime) -> dict[str, health.RiskFactor]:
+        return {f.factor: f for f in health.assess(self.state, at, RULES).factors}
+
+    def score(self, at: datetime) -> float:
+        return health.assess(self.state, at, RULES).score
+
+
+def day(n: float) -> datetime:
+    return START + timedelta(days=n)
+
+
+# --- factors -------------------------------------------------------------------------------
+
+
+def test_a_steady_account_scores_nothing() -> None:
+    a = Account()
+    a.steady(70)
+    assert a.score(day(69.99)) == 0
+    assert a.factors(day(69.99)) == {}
+
+
+def test_usage_falling_below_its_own_baseline_raises_the_score_and_names_the_records() -> None:
+    shallow, deep = Account(), Account()
+    for acct in (shallow, deep):
+        acct.steady(56)
+    for d in range(56, 63):
+        weekend = day(d).weekday() >= 5
+        shallow.usage(d, 100 * 0.8 * (0.3 if weekend else 1.0))
+        last = deep.usage(d, 100 * 0.5 * (0.3 if weekend else 1.0))
+    at = day(62.99)
+    assert 0 < shallow.score(at) < deep.score(at)
+    decline = deep.factors(at)["usage_decline"]
+    assert decline.points == RULES.weights.usage_decline  # a 50 % drop is past the full mark
+    assert last.event_id in decline.caused_by and len(decline.caused_by) == 7
+    assert "50% below its baseline" in decline.detail
+
+
+def test_usage_that_keeps_falling_adds_a_slide() -> None:
+    a = Account()
+    a.steady(56)
+    for d in range(56, 90):
+        weekend = day(d).weekday() >= 5
+        a.usage(d, 100 * (1 - 0.012 * (d - 55)) * (0.3 if weekend else 1.0))
+    assert "usage_slide" in a.factors(day(89.99))
+
+
+def test_a_backfill_of_old_usage_is_history_not_a_moment_to_score() -> None:
+    at = day(0)
+    old = event(
+        "usage.recorded", 1, at=at, case=None, actor=SYSTEM, metric="active_users", value=5,
+        period_start=date(2025, 12, 1), period_end=date(2025, 12, 1),
+    )  # fmt: skip
+    live = event(
+        "usage.recorded", 2, at=at, case=None, actor=SYSTEM, metric="active_users", value=5,
+        period_start=date(2026, 1, 4), period_end=date(2026, 1, 4),
+    )  # fmt: skip
+    assert health.is_backfill(old) and not health.is_backfill(live)
+
+
+def test_more_cases_than_its_own_history_raise_the_score() -> None:
+    a = Account()
+    a.fold("case.opened", day(0), case="c0", subject="s", topic="login", impact="low",
+           urgency="low")  # fmt: skip
+    quiet = a.score(day(60))
+    opened = [
+        a.fold("case.opened", day(60 + i), case=f"c{i + 1}", subject="s", topic="login",
+               impact="low", urgency="low")
+        for i in range(6)
+    ]  # fmt: skip
+    volume = a.factors(day(66))["case_volume"]
+    assert volume.points > 0 and a.score(day(66)) > quiet
+    assert set(volume.caused_by) == {e.event_id for e in opened}
+
+
+def test_sla_breaches_count_until_retracted() -> None:
+    a = Account()
+    a.steady(1)
+    breach = SlaBreached(
+        signal_id="sla.breached/acme/c1/first_response/0/x/v1", tenant_id="acme",
+        account_id="acct-1", case_id="c1", detected_at=day(1), caused_by=("ev-open",),
+        policy_version="v1", metric="first_response", cycle=0, due_at=day(1), priority="P2",
+    )  # fmt: skip
+    health.observe(a.state, breach)
+    found = a.factors(day(2))["sla_breaches"]
+    assert found.points > 0 and found.caused_by == ("ev-open",)
+    assert "sla_breaches" not in a.factors(day(40))  # out of the window
+    retraction = SlaBreachRetracted(
+        **{**breach.model_dump(exclude={"type"}), "signal_id": "r1"},
+        retracts=breach.signal_id, reason="reply occurred in time",
+    )  # fmt: skip
+    health.observe(a.state, retraction)
+    assert "sla_breaches" not in a.factors(day(2))
+
+
+def test_open_high_priority_cases_count_while_open() -> None:
+    a = Account()
+    opened = a.fold("case.opened", day(1), case="c1", subject="s", topic="login",
+                    impact="critical", urgency="high")  # fmt: skip
+    a.fold("case.opened", day(1), case="c2", subject="s", topic="login", impact="low",
+           urgency="low")  # fmt: skip
+    high = a.factors(day(2))["open_high_priority"]
+    assert high.caused_by == (opened.event_id,)
+    a.fold("case.resolved", day(3), case="c1", resolution_code="fixed")
+    assert "open_high_priority" not in a.factors(day(3))
+
+
+def test_a_lower_nps_scores_worse_and_a_promoter_nothing() -> None:
+    scores = {}
+    for score in (0, 5, 8, 10):
+        a = Account()
+        a.fold("survey.answered", day(1), kind="nps", score=score)
+        scores[score] = a.score(day(2))
+    assert scores[0] > scores[5] > scores[8] == scores[10] == 0
+
+
+def test_low_csat_answers_raise_the_score() -> None:
+    a = Account()
+    good = a.fold("survey.answered", day(1), kind="csat", score=5)
+    assert a.score(day(2)) == 0
+    low = a.fold("survey.answered", day(2), kind="csat", score=1)
+    found = a.factors(day(3))["csat"]
+    assert found.caused_by == (low.event_id,) and good.event_id not in found.caused_by
+
+
+def test_missed_milestones_count_until_reached() -> None:
+    a = Account()
+    missed = a.fold("onboarding.milestone_missed", day(1), milestone="kickoff",
+                    due_date="2026-01-05")  # fmt: skip
+    assert a.factors(day(2))["onboarding"].caused_by == (missed.event_id,)
+    a.fold("onboarding.milestone_reached", day(3), milestone="kickoff")
+    assert a.score(day(4)) == 0
+
+
+def test_renewal_weighs_more_as_it_nears() -> None:
+    a = Account()
+    a.fold("account.updated", day(0), renewal_date="2026-03-06", owner_id="csm-1")
+    far, near, close = a.score(day(0)), a.score(day(30)), a.score(day(55))
+    assert far == 0 < near < close
+    assert a.score(day(70)) == 0  # renewal date passed
+
+
+def test_an_owner_change_counts_but_the_first_owner_does_not() -> None:
+    a = Account()
+    a.fold("account.updated", day(0), owner_id="csm-1")
+    assert a.score(day(1)) == 0
+    changed = a.fold("account.updated", day(2), owner_id="csm-2")
+    assert a.factors(day(3))["owner_change"].caused_by == (changed.event_id,)
+    assert a.score(day(90)) == 0
+
+
+# --- levels, hysteresis, explanation ---------------------------------------------------
+
+
+def test_hysteresis_keeps_a_level_until_the_score_falls_clearly_below() -> None:
+    r = HealthRules(medium_at=45, high_at=65, hysteresis=10)
+    assert r.level_for(46, "low") == "medium"
+    assert r.level_for(40, "medium") == "medium"  # inside the band
+    assert r.level_for(34, "medium") == "low"
+    assert r.level_for(60, "high") == "high"
+    assert r.level_for(54, "high") == "medium"
+    assert r.level_for(30, "high") == "low"
+    assert r.level_for(70, "low") == "high"
+
+
+def test_a_score_hovering_at_the_threshold_raises_once() -> None:
+    a = Account()
+    for m in ("kickoff", "sso"):  # 15 points
+        a.fold("onboarding.milestone_missed", day(0), milestone=m, due_date="2026-01-05")
+    for _ in range(2):  # 10 points
+        a.fold("survey.answered", day(0), kind="csat", score=1)
+    signals: list[Signal] = []
+    scores = []
+    for k in range(10):  # the latest NPS alternates between 0 (20 points) and 6 (10 points)
+        for hours, nps in ((0, 0), (12, 6)):
+            at = day(1 + k) + timedelta(hours=hours)
+            a.fold("survey.answered", at, kind="nps", score=nps)
+            signals += health.decide(a.state, at, RULES, "v1")
+            scores.append(a.state.score)
+    assert set(scores) == {45.0, 35.0}  # across the medium threshold, inside the band
+    assert [s.type for s in signals] == ["risk.raised"]
+    wider = HealthRules(hysteresis=5)
+    flapping: list[Signal] = []
+    for k in range(3):
+        for hours, nps in ((0, 0), (12, 6)):
+            at = day(20 + k) + timedelta(hours=hours)
+            a.fold("survey.answered", at, kind="nps", score=nps)
+            flapping += health.decide(a.state, at, wider, "v1")
+    assert len(flapping) > 1  # the same scores flap without the band
+
+
+def test_a_raise_explains_its_top_factors_with_their_events() -> None:
+    a = Account()
+    a.fold("account.updated", day(0), owner_id="csm-1", renewal_date="2026-02-01")
+    nps = a.fold("survey.answered", day(1), kind="nps", score=0)
+    m1 = a.fold("onboarding.milestone_missed", day(1), milestone="kickoff", due_date="2026-01-05")
+    m2 = a.fold("onboarding.milestone_missed", day(1), milestone="sso", due_date="2026-01-05")
+    a.fold("survey.answered", day(1), kind="csat", score=1)
+    [raised] = health.decide(a.state, day(2), RULES, "v1", trigger=nps.event_id)
+    assert isinstance(raised, RiskRaised) and raised.level == "medium"
+    assert raised.owner_id == "csm-1" and raised.team.value == "success"
+    assert [f.factor for f in raised.factors] == ["nps", "onboarding", "renewal"]
+    assert raised.caused_by[:3] == (nps.event_id, m1.event_id, m2.event_id)
+    assert raised.score == pytest.approx(sum(f.points for f in a.factors(day(2)).values()))
+    assert raised.signal_id == f"risk.raised/acme/acct-1/medium/{day(2).isoformat()}"
+
+
+def test_a_churned_account_is_no_longer_scored() -> None:
+    a = Account()
+    a.fold("survey.answered", day(1), kind="nps", score=0)
+    a.fold("account.churned", day(2))
+    a.fold("onboarding.milestone_missed", day(2), milestone="kickoff", due_date="2026-01-05")
+    assert health.decide(a.state, day(3), RULES, "v1") == []
+
+
+# --- expansion openings ------------------------------------------------------------------
+
+
+def test_usage_near_the_seats_is_an_opening_once_per_episode() -> None:
+    a = Account()
+    a.fold("account.updated", day(0), seats=100)
+    a.steady(70, value=92)
+    near = [s for s in a.found if isinstance(s, OpportunityDetected)]
+    assert [s.opportunity for s in near] == ["usage_near_limit"]
+    assert near[0].caused_by[-1] == "ev-1"  # the seats it compares with
+
+
+def test_a_promoter_of_a_low_risk_account_is_an_opening() -> None:
+    a = Account()
+    promoter = a.fold("survey.answered", day(1), kind="nps", score=10)
+    [found] = a.found
+    assert isinstance(found, OpportunityDetected) and found.caused_by == (promoter.event_id,)
+
+
+# --- the processor ---------------------------------------------------------------------
+
+
+def run(events: list[Event], processors: list[Any]) -> list[Signal]:
+    signals = MemorySignalLog()
+    EmbeddedEngine(EventList(events), signals, processors).catch_up()
+    return signals.values()
+
+
+def test_a_silent_account_is_rescored_at_midnight_and_its_risk_cleared() -> None:
+    proc = HealthProcessor(RulesBook(default_policy(), lambda d: default_policy()))
+    a = Account()
+    events = [
+        a.fold("account.updated", T0, owner_id="csm-1"),
+        a.fold("survey.answered", T0, kind="nps", score=0),
+        a.fold("onboarding.milestone_missed", T0, milestone="a", due_date="2026-01-05"),
+        a.fold("onboarding.milestone_missed", T0, milestone="b", due_date="2026-01-05"),
+        a.fold("survey.answered", T0, kind="csat", score=1),
+        a.fold("survey.answered", T0, kind="csat", score=2),
+        a.fold("onboarding.milestone_reached", T0 + timedelta(days=100), milestone="a"),
+    ]
+    other = event("case.opened", 99, at=T0 + timedelta(days=95), account_id="acct-2",
+                  subject="s", topic="login", impact="low", urgency="low")  # fmt: skip
+    found = run([*events[:6], other, events[6]], [proc])
+    assert [s.type for s in found] == ["risk.raised", "risk.cleared"]
+    cleared = found[1]
+    assert isinstance(cleared, RiskCleared) and cleared.caused_by
+    assert cleared.detected_at < T0 + timedelta(days=95)  # by a midnight timer, not an event
+    assert cleared.detected_at.time().isoformat() == "00:00:00"
+
+
+def test_replaying_a_simulation_gives_identical_health_signals() -> None:
+    config = SimulationConfig(accounts=40, days=30, seed=7, history_days=28)
+    from loopservice.domain.events import EVENT_ADAPTER
+
+    events = [EVENT_ADAPTER.validate_python(e) for e in generate(config)]
+
+    def derive() -> list[dict[str, Any]]:
+        rules = RulesBook(default_policy(), lambda d: default_policy())
+        out = run(events, derive_processors(rules))
+        return [s.model_dump(mode="json") for s in out]
+
+    first, second = derive(), derive()
+    assert first == second
+    kinds = {s["type"] for s in first}
+    assert {"risk.raised", "opportunity.detected"} <= kinds
+    assert all(s["caused_by"] for s in first)
