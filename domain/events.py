@@ -289,6 +289,28 @@ class SelfServiceSession(Envelope):
     resolved: bool
 
 
+# --- outer loop ------------------------------------------------------------------------------
+
+
+class ImprovementRecorded(Envelope):
+    """A change made to remove a cause (a fix, an article, a process change), effective from
+    `effective_date` (UTC) for a topic and/or a product area; the trends view measures the same
+    metrics before and after it. `account_id` names who recorded it (e.g. `_operations`)."""
+
+    type: Literal["improvement.recorded"] = "improvement.recorded"
+    improvement_id: Id
+    description: Annotated[str, Field(min_length=1, max_length=2_000)]
+    effective_date: date
+    topic: Id | None = None
+    product_area: Id | None = None
+
+    @model_validator(mode="after")
+    def _has_scope(self) -> ImprovementRecorded:
+        if self.topic is None and self.product_area is None:
+            raise ValueError("an improvement needs a topic or a product_area")
+        return self
+
+
 # --- operations: records the system itself appends to the log ------------------------------
 
 
@@ -340,6 +362,7 @@ Event = Annotated[
     | ArticlePublished
     | ArticleViewed
     | SelfServiceSession
+    | ImprovementRecorded
     | PolicyPublished
     | AlertAcknowledged
     | ClockTick,
