@@ -31,8 +31,14 @@ typecheck: install
 unit: install
 	$(BIN)/pytest -q
 
+## Debian packages the tests use for real (PostgreSQL, Chromium, ChromeDriver); apt-get runs
+## only when one is missing.
+.PHONY: system-deps
+system-deps:
+	infra/system-deps.sh
+
 ## Installs everything, then lint, types and the whole test suite.
-test: install
+test: install system-deps
 	$(MAKE) lint typecheck unit
 
 clean:

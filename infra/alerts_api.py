@@ -49,7 +49,8 @@ def alerts_router(outbox: Outbox, append: AppendEvents, clock: Clock) -> APIRout
         alerts = await run_in_threadpool(outbox.alerts, principal.tenant, limit)
         return {"alerts": [a.to_json() for a in alerts]}
 
-    @router.post("/{alert_id}/ack", status_code=status.HTTP_202_ACCEPTED)
+    # `:path`: alert ids are signal identities, which contain slashes
+    @router.post("/{alert_id:path}/ack", status_code=status.HTTP_202_ACCEPTED)
     async def acknowledge(
         alert_id: str,
         principal: Annotated[Principal, Depends(require_scope("admin"))],

@@ -1,4 +1,8 @@
-"""The dashboard: one static page, no build step, polling the read API with a read token."""
+"""The dashboard: static pages, no build step, polling the read API with a read token.
+
+`/` is the SLA board (live countdowns, signals, alerts with an acknowledge button);
+`/customer#account=ID` is one customer's context and timeline, linked from the board.
+"""
 
 from __future__ import annotations
 
@@ -15,5 +19,11 @@ def dashboard_router() -> APIRouter:
     @router.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
         return page
+
+    customer = files("loopservice.infra").joinpath("static/customer.html").read_text("utf-8")
+
+    @router.get("/customer", response_class=HTMLResponse, include_in_schema=False)
+    async def customer_page() -> str:
+        return customer
 
     return router

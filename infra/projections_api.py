@@ -18,7 +18,7 @@ from loopservice.projections.queries import ProjectionQueries
 
 Reader = Annotated[Principal, Depends(require_scope("read"))]
 Limit = Annotated[int, Query(ge=1, le=500)]
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=1_000_000_000)]  # bounded: SQL takes 64-bit ints
 
 
 def _found(value: dict[str, Any] | None, what: str) -> dict[str, Any]:

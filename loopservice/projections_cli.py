@@ -18,11 +18,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from loopservice.infra.settings import Settings
 from loopservice.infra.sqlite_log import interaction_log, open_datastore, signal_log
 from loopservice.ingest_cli import _DB_HELP, _db_path
 from loopservice.policy_cli import default_policy
 from loopservice.projections.runner import ProjectionRunner, default_folds
-from loopservice.projections.store import ProjectionStore
+from loopservice.projections.store import open_projection_store
 
 console = Console(stderr=True)
 
@@ -30,7 +31,7 @@ console = Console(stderr=True)
 def open_runner(path: Path) -> ProjectionRunner:
     datastore = open_datastore(path)
     return ProjectionRunner(
-        ProjectionStore(datastore),
+        open_projection_store(Settings.from_env().projections_url, datastore),
         interaction_log(datastore),
         signal_log(datastore),
         default_folds(default_policy()),

@@ -11,7 +11,6 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from eventsourcing.sqlite import SQLiteCursor
 
 from loopservice.domain.events import Event
 from loopservice.domain.policy import Policy
@@ -24,7 +23,7 @@ from loopservice.projections.context import (
     ContextFold,
     render_context,
 )
-from loopservice.projections.store import ProjectionStore, memory_view
+from loopservice.projections.store import Cursor, ProjectionStore, memory_view
 
 CONTEXT_TIMELINE = 50
 CASE_TIMELINE = 100
@@ -44,13 +43,13 @@ class ProjectionQueries:
         self.signals = signals
         self.default_policy = default_policy
 
-    def _tables(self, c: SQLiteCursor, name: str) -> tuple[str, str] | None:
+    def _tables(self, c: Cursor, name: str) -> tuple[str, str] | None:
         c.execute("SELECT version FROM proj_versions WHERE name=?", (name,))
         row = c.fetchone()
         return None if row is None else self.store.tables(name, int(row[0]))
 
     @staticmethod
-    def _doc(c: SQLiteCursor, docs: str, kind: str, tenant: str, key: str) -> Any:
+    def _doc(c: Cursor, docs: str, kind: str, tenant: str, key: str) -> Any:
         c.execute(f"SELECT doc FROM {docs} WHERE kind=? AND tenant_id=? AND key=?",
                   (kind, tenant, key))  # fmt: skip
         row = c.fetchone()
@@ -58,7 +57,7 @@ class ProjectionQueries:
 
     @staticmethod
     def _timeline(
-        c: SQLiteCursor, table: str, tenant: str, key: str, limit: int, offset: int, newest: bool
+        c: Cursor, table: str, tenant: str, key: str, limit: int, offset: int, newest: bool
     ) -> list[Any]:
         order = "DESC" if newest else "ASC"
         c.execute(
@@ -69,7 +68,7 @@ class ProjectionQueries:
         return [orjson.loads(r[0]) for r in c.fetchall()]
 
     @staticmethod
-    def _count(c: SQLiteCursor, sql: str, params: tuple[Any, ...]) -> int:
+    def _count(c: Cursor, sql: str, params: tuple[Any, ...]) -> int:
         c.execute(sql, params)
         return int(c.fetchone()[0])
 

@@ -27,7 +27,10 @@ from loopservice.domain.signals import Signal
 from loopservice.infra.sqlite_log import SQLiteLog, decode_interaction, decode_signal
 from loopservice.projections.cases import CasesFold
 from loopservice.projections.context import INTERACTIONS, SIGNALS, ContextFold
+from loopservice.projections.knowledge import KnowledgeFold
+from loopservice.projections.maturity import MaturityFold
 from loopservice.projections.store import ProjectionStore, StaleVersion, View, memory_view
+from loopservice.projections.trends import TrendsFold
 
 logger = logging.getLogger(__name__)
 
@@ -248,4 +251,10 @@ class ProjectionRunner:
 
 def default_folds(policy: Policy) -> dict[str, FoldFactory]:
     """The shipped projections, each built fresh from the default policy."""
-    return {"context": lambda: ContextFold(policy), "cases": lambda: CasesFold(policy)}
+    return {
+        "context": lambda: ContextFold(policy),
+        "cases": lambda: CasesFold(policy),
+        "knowledge": lambda: KnowledgeFold(policy),
+        "trends": lambda: TrendsFold(policy),
+        "maturity": lambda: MaturityFold(policy),
+    }

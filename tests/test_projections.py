@@ -1,4 +1,8 @@
-"""Projections: the folds, tracked positions, rebuild, as_of, the read API, and a SIGKILL."""
+"""Projections: the folds, tracked positions, rebuild, as_of, the read API, and a SIGKILL.
+
+The store tests run on both stores: SQLite (the log's own file) and a real PostgreSQL started
+by `infra/postgres/pg.sh` (one fresh database per store).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,8 +35,9 @@ from loopservice.projections.cases import CasesFold
 from loopservice.projections.context import ContextFold
 from loopservice.projections.queries import ProjectionQueries
 from loopservice.projections.runner import ProjectionRunner, default_folds
-from loopservice.projections.store import ProjectionStore, memory_view
+from loopservice.projections.store import memory_view, open_projection_store
 from loopservice.streams.clock import FixedClock
+from postgres_server import PostgresServer, postgres_server  # noqa: F401  (the fixture)
 
 AGENT = {"kind": "agent", "id": "a-7", "team": "support"}
 POLICY = default_policy()
@@ -70,13 +76,27 @@ def breach(case: str = "c1", account: str = "acct-1", minutes: int = 30) -> SlaB
     )  # fmt: skip
 
 
+StoreUrls = Callable[[], str]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest) -> StoreUrls:
+    """Makes URLs of empty projection stores: "" (the log's own SQLite file) or a new
+    PostgreSQL database."""
+    if request.param == "sqlite":
+        return lambda: ""
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.database
+
+
 class World:
-    def __init__(self, path: Path, batch: int = 5000) -> None:
+    def __init__(self, path: Path, batch: int = 5000, store: str = "") -> None:
         self.datastore = open_datastore(path)
         clock = FixedClock(T0 + timedelta(days=400))
         self.log: SQLiteLog[Event] = interaction_log(self.datastore, clock)
         self.signals = signal_log(self.datastore, clock)
-        self.store = ProjectionStore(self.datastore)
+        self.store_url = store
+        self.store = open_projection_store(store, self.datastore)
         self.runner = ProjectionRunner(
             self.store, self.log, self.signals, default_folds(POLICY), batch=batch,
             rebuild_batch=batch,
@@ -158,15 +178,17 @@ def many(accounts: int, tenant: str = "acme") -> list[Event]:
     return out
 
 
-def test_restart_resumes_exactly_at_the_tracked_position(tmp_path: Path) -> None:
-    world = World(tmp_path / "loop.db", batch=4)
+def test_restart_resumes_exactly_at_the_tracked_position(
+    tmp_path: Path, store_url: StoreUrls
+) -> None:
+    world = World(tmp_path / "loop.db", batch=4, store=store_url())
     world.log.append(many(3))
     world.signals.append([breach("case-0", "acct-0")])
     for _ in range(3):
         world.runner.step("context")
         world.runner.step("cases")
     assert world.runner.positions("context")["interactions"] == 12
-    again = World(tmp_path / "loop.db", batch=4)
+    again = World(tmp_path / "loop.db", batch=4, store=world.store_url)
     again.runner.catch_up()
     again.runner.catch_up()  # nothing left: must not count anything twice
     ctx = again.queries.account_context("acme", "acct-0")
@@ -177,15 +199,17 @@ def test_restart_resumes_exactly_at_the_tracked_position(tmp_path: Path) -> None
     assert case is not None and case["case"]["counts"]["customer_messages"] == 1
     assert case["timeline_total"] == 9  # eight case events and one signal
     live = {name: again.store.checksum(name) for name in ("context", "cases")}
-    fresh = World(tmp_path / "fresh.db")
+    fresh = World(tmp_path / "fresh.db", store=store_url())
     fresh.log.append(many(3))
     fresh.signals.append([breach("case-0", "acct-0")])
     fresh.runner.catch_up()
     assert {name: fresh.store.checksum(name) for name in live} == live
 
 
-def test_a_batch_already_committed_cannot_be_applied_twice(tmp_path: Path) -> None:
-    world = World(tmp_path / "loop.db")
+def test_a_batch_already_committed_cannot_be_applied_twice(
+    tmp_path: Path, store_url: StoreUrls
+) -> None:
+    world = World(tmp_path / "loop.db", store=store_url())
     world.log.append(story())
     world.runner.catch_up()
     version = world.store.current_version("context")
@@ -199,9 +223,9 @@ def test_a_batch_already_committed_cannot_be_applied_twice(tmp_path: Path) -> No
 
 
 def test_rebuild_matches_the_live_build_byte_for_byte_and_switches_atomically(
-    tmp_path: Path,
+    tmp_path: Path, store_url: StoreUrls
 ) -> None:
-    world = World(tmp_path / "loop.db", batch=5)
+    world = World(tmp_path / "loop.db", batch=5, store=store_url())
     events = many(4)
     for i in range(0, len(events), 7):  # live: appends and folds interleaved, odd batch sizes
         world.log.append(events[i : i + 7])
@@ -230,8 +254,8 @@ def test_rebuild_matches_the_live_build_byte_for_byte_and_switches_atomically(
     assert world.queries.account_context("acme", "acct-9") is not None
 
 
-def test_as_of_gives_the_context_as_it_stood(tmp_path: Path) -> None:
-    world = World(tmp_path / "loop.db")
+def test_as_of_gives_the_context_as_it_stood(tmp_path: Path, store_url: StoreUrls) -> None:
+    world = World(tmp_path / "loop.db", store=store_url())
     world.log.append(story())
     world.signals.append([breach()])
     world.runner.catch_up()
@@ -271,8 +295,8 @@ def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def test_api_serves_context_and_cases_per_tenant(tmp_path: Path) -> None:
-    world = World(tmp_path / "loop.db")
+def test_api_serves_context_and_cases_per_tenant(tmp_path: Path, store_url: StoreUrls) -> None:
+    world = World(tmp_path / "loop.db", store=store_url())
     world.log.append([*story(), *story("g-1", "g-case", start=50, tenant_id="globex")])
     world.signals.append([breach()])
     world.runner.catch_up()
@@ -324,10 +348,11 @@ CHILD = textwrap.dedent(
     from loopservice.infra.sqlite_log import interaction_log, open_datastore, signal_log
     from loopservice.policy_cli import default_policy
     from loopservice.projections.runner import ProjectionRunner, default_folds
-    from loopservice.projections.store import ProjectionStore
+    from loopservice.projections.store import open_projection_store
 
     ds = open_datastore(sys.argv[1])
-    runner = ProjectionRunner(ProjectionStore(ds), interaction_log(ds), signal_log(ds),
+    store = open_projection_store(sys.argv[2], ds)
+    runner = ProjectionRunner(store, interaction_log(ds), signal_log(ds),
                               default_folds(default_policy()), batch=3)
     while True:
         if not runner.step("context").scanned:
@@ -338,13 +363,15 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_sigkill_mid_stream_leaves_view_and_position_in_agreement(tmp_path: Path) -> None:
+def test_sigkill_mid_stream_leaves_view_and_position_in_agreement(
+    tmp_path: Path, store_url: StoreUrls
+) -> None:
     path = tmp_path / "loop.db"
-    world = World(path)
+    world = World(path, store=store_url())
     events = many(60)  # 540 events, 180 batches of 3
     world.log.append(events)
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(path)],
+        [sys.executable, "-c", CHILD, str(path), world.store_url],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -356,7 +383,7 @@ def test_sigkill_mid_stream_leaves_view_and_position_in_agreement(tmp_path: Path
     child.send_signal(signal.SIGKILL)
     child.wait()
 
-    again = World(path)
+    again = World(path, store=world.store_url)
     version = again.store.current_version("context")
     assert version is not None
     position = again.store.position("context", version, "interactions")
@@ -370,7 +397,7 @@ def test_sigkill_mid_stream_leaves_view_and_position_in_agreement(tmp_path: Path
     assert rows == position and last == position  # every event up to it, nothing beyond
     assert sum(len(d["surveys"]["recent"]) for d in docs_rows) == position // 9
     again.runner.catch_up()
-    fresh = World(tmp_path / "fresh.db")
+    fresh = World(tmp_path / "fresh.db", store=store_url())
     fresh.log.append(events)
     fresh.runner.catch_up()
     assert again.store.checksum("context") == fresh.store.checksum("context")
@@ -389,8 +416,10 @@ def test_sla_warning_lands_in_the_case_view() -> None:
     assert doc is not None and doc["sla"]["signals"][0]["threshold_pct"] == 50
 
 
-async def test_follow_keeps_projections_caught_up_until_stopped(tmp_path: Path) -> None:
-    world = World(tmp_path / "loop.db", batch=2)
+async def test_follow_keeps_projections_caught_up_until_stopped(
+    tmp_path: Path, store_url: StoreUrls
+) -> None:
+    world = World(tmp_path / "loop.db", batch=2, store=store_url())
     world.runner.max_cached = 1  # documents are read back from the tables after each batch
     world.log.append(many(2))
     stop = asyncio.Event()
@@ -401,8 +430,28 @@ async def test_follow_keeps_projections_caught_up_until_stopped(tmp_path: Path) 
         await asyncio.sleep(0.01)
     stop.set()
     await asyncio.wait_for(task, 5)
-    fresh = World(tmp_path / "fresh.db")
+    fresh = World(tmp_path / "fresh.db", store=store_url())
     fresh.log.append(many(2))
     fresh.runner.catch_up()
     for name in ("context", "cases"):
         assert world.store.checksum(name) == fresh.store.checksum(name)
+
+
+@pytest.mark.postgres
+def test_sqlite_and_postgres_build_the_same_views(
+    tmp_path: Path,
+    postgres_server: PostgresServer,  # noqa: F811
+) -> None:
+    worlds = [World(tmp_path / "a.db", batch=7), World(tmp_path / "b.db", batch=11,
+              store=postgres_server.database())]  # fmt: skip
+    for world in worlds:
+        world.log.append(many(5))
+        world.signals.append([breach("case-1", "acct-1"), breach("case-3", "acct-3")])
+        world.runner.catch_up()
+    sqlite, postgres = worlds
+    for name in ("context", "cases"):
+        assert sqlite.store.checksum(name) == postgres.store.checksum(name)
+    assert sqlite.queries.accounts("acme") == postgres.queries.accounts("acme")
+    assert sqlite.queries.case_timeline("acme", "case-2", 4, 3) == postgres.queries.case_timeline(
+        "acme", "case-2", 4, 3
+    )
