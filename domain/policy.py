@@ -27,6 +27,7 @@ from pydantic import (
 
 from loopservice.domain.calendar import BusinessCalendar, parse_hours
 from loopservice.domain.events import CaseStatus, HandedOff, Level, Priority, Team, Tier
+from loopservice.domain.health import HealthRules
 from loopservice.domain.priority import PriorityDecision, decide_priority
 
 Metric = Literal["first_response", "next_response", "resolution"]
@@ -297,6 +298,29 @@ class OncallSection(_Model):
         return next((r for r in self.routes if r.matches(signal_type, team, priority)), None)
 
 
+# --- knowledge and the outer loop ---------------------------------------------------------
+
+
+class KnowledgeSection(_Model):
+    """A resolution (topic, code, normalised summary) seen `min_repeats` times within
+    `window_days` becomes a knowledge candidate; a self-service session counts as deflected
+    when its account opens no case on its topic within `deflection_window_hours`."""
+
+    min_repeats: Annotated[int, Field(ge=2)] = 5
+    window_days: Annotated[float, Field(gt=0)] = 28
+    deflection_window_hours: Annotated[float, Field(gt=0)] = 72
+
+
+class OuterLoopSection(_Model):
+    """Weekly trends: `product_areas[topic]` names the area of a case opened without one;
+    rising topics compare a week with the mean of the `baseline_weeks` before it; an
+    improvement's effect compares `effect_weeks` full weeks before and after it."""
+
+    product_areas: dict[Name, Name] = Field(default_factory=dict)
+    baseline_weeks: Annotated[int, Field(ge=1)] = 4
+    effect_weeks: Annotated[int, Field(ge=1)] = 4
+
+
 # --- the policy ----------------------------------------------------------------------------
 
 
@@ -309,6 +333,9 @@ class Policy(_Model):
     warnings: WarningsSection = Field(default_factory=WarningsSection)
     handoffs: HandoffsSection = Field(default_factory=HandoffsSection)
     oncall: OncallSection = Field(default_factory=OncallSection)
+    health: HealthRules = Field(default_factory=HealthRules)
+    knowledge: KnowledgeSection = Field(default_factory=KnowledgeSection)
+    outer_loop: OuterLoopSection = Field(default_factory=OuterLoopSection)
     allowed_lateness_seconds: Annotated[float, Field(ge=0)] = 1.0
     clock_skew_tolerance_seconds: Annotated[float, Field(ge=0)] = 300.0
 

@@ -42,7 +42,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -52,7 +52,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from loopservice.domain.events import ClockTick, Event
+from loopservice.domain.events import ClockTick, Event, PolicyPublished
 from loopservice.domain.signals import Signal
 from loopservice.infra.sqlite_log import decode_interaction, decode_signal
 from loopservice.streams.log import Appended, LogRecord, T
@@ -87,6 +87,7 @@ async def ensure_topics_async(
     replication: int = 1,
     topics: Sequence[str] = (INTERACTIONS, SIGNALS, DEAD_LETTERS),
     timeout: float = 30.0,
+    config: Mapping[str, str] = TOPIC_CONFIG,
 ) -> None:
     """Creates the topics that are missing; an existing topic must have `partitions`."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
@@ -96,7 +97,7 @@ async def ensure_topics_async(
             try:
                 await asyncio.wait_for(
                     admin.create_topics(
-                        [NewTopic(name, partitions, replication, topic_configs=TOPIC_CONFIG)]
+                        [NewTopic(name, partitions, replication, topic_configs=dict(config))]
                     ),
                     timeout,
                 )
@@ -137,10 +138,16 @@ def ensure_topics(
     replication: int = 1,
     topics: Sequence[str] = (INTERACTIONS, SIGNALS, DEAD_LETTERS),
     timeout: float = 30.0,
+    config: Mapping[str, str] = TOPIC_CONFIG,
 ) -> None:
     asyncio.run(
         ensure_topics_async(
-            bootstrap, partitions, replication=replication, topics=topics, timeout=timeout
+            bootstrap,
+            partitions,
+            replication=replication,
+            topics=topics,
+            timeout=timeout,
+            config=config,
         )
     )
 
@@ -155,10 +162,12 @@ class AsyncKafkaLog(Generic[T]):
         decode: Callable[[str, bytes], T],
         *,
         route: Callable[[T], int | None] = lambda _: None,
+        fan_out: Callable[[T], bool] = lambda _: False,
         partition: int = 0,
         timeout: float = 10.0,
     ) -> None:
-        """`kind` names a value's model (its `type`); `route` may pin a value to a partition."""
+        """`kind` names a value's model (its `type`); `route` may pin a value to a partition;
+        a value for which `fan_out` is true is written to every partition."""
         self.bootstrap = bootstrap
         self.topic = topic
         self.partition = partition
@@ -167,6 +176,7 @@ class AsyncKafkaLog(Generic[T]):
         self._kind: Callable[[T], str] = kind
         self._decode: Callable[[str, bytes], T] = decode
         self._route: Callable[[T], int | None] = route
+        self._fan_out: Callable[[T], bool] = fan_out
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._partitions: int | None = None
@@ -245,17 +255,21 @@ class AsyncKafkaLog(Generic[T]):
         pending = []
         for value, partition in zip(values, routes, strict=True):
             headers = [("type", self._kind(value).encode()), ("id", self._identity(value).encode())]
-            pending.append(
+            copies = range(self._partitions) if self._fan_out(value) else (partition,)
+            sent = [
                 await producer.send(
                     self.topic,
                     value.model_dump_json().encode(),
                     key=value.account_id.encode(),
-                    partition=partition,
+                    partition=copy,
                     headers=headers,
                 )
-            )
+                for copy in copies
+            ]
+            pending.append(asyncio.gather(*sent))
         outcomes: list[KafkaAppended] = []
-        for value, metadata in zip(values, await asyncio.gather(*pending), strict=True):
+        for value, copies_sent in zip(values, await asyncio.gather(*pending), strict=True):
+            metadata = copies_sent[0]
             outcomes.append(
                 KafkaAppended(
                     self._identity(value),
@@ -451,6 +465,11 @@ def _tick_partition(event: Event) -> int | None:
     return event.partition if isinstance(event, ClockTick) else None
 
 
+def _every_partition(event: Event) -> bool:
+    # Every account's decisions depend on the policy in force, and accounts live in all of them.
+    return isinstance(event, PolicyPublished)
+
+
 def async_interaction_log(
     bootstrap: str, *, topic: str = INTERACTIONS, partition: int = 0, timeout: float = 10.0
 ) -> AsyncKafkaLog[Event]:
@@ -461,6 +480,7 @@ def async_interaction_log(
         kind=lambda e: e.type,
         decode=decode_interaction,
         route=_tick_partition,
+        fan_out=_every_partition,
         partition=partition,
         timeout=timeout,
     )

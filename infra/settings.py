@@ -3,7 +3,8 @@
 Every field `name` is read from `LOOP_<NAME>` (`LOOP_DATA_DIR`, `LOOP_LOG_URL`,
 `LOOP_HTTP_HOST`, `LOOP_HTTP_PORT`, `LOOP_TOKENS_FILE`, `LOOP_TOKENS`, `LOOP_DEV_TENANT`,
 `LOOP_ALLOWED_LATENESS_S`, `LOOP_CLOCK_SKEW_TOLERANCE_S`, `LOOP_MAX_BATCH_EVENTS`,
-`LOOP_MAX_REQUEST_BYTES`).
+`LOOP_MAX_REQUEST_BYTES`, `LOOP_PROJECTIONS_URL`, `LOOP_ENGINE` (`embedded` or `kafka`),
+`LOOP_KAFKA_BOOTSTRAP`, `LOOP_KAFKA_PARTITIONS`, `LOOP_KAFKA_TOPIC_PREFIX`).
 
 API tokens are entries `{token, tenant, scopes}` with scopes drawn from `ingest`, `read`,
 `admin`. They come from `LOOP_TOKENS` (a JSON list of entries) and/or `LOOP_TOKENS_FILE`
@@ -57,6 +58,11 @@ class Settings(BaseModel):
 
     data_dir: Path = Path("./var")
     log_url: str = "sqlite:///var/loop.db"
+    engine: Literal["embedded", "kafka"] = "embedded"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_partitions: int = Field(default=8, ge=1)
+    kafka_topic_prefix: str = ""  # topics are <prefix>loop.interactions, … (one set per cluster)
+    projections_url: str = ""  # "" = the log's own SQLite file; sqlite:///… or postgresql://…
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
     tokens_file: Path | None = None

@@ -18,6 +18,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from loopservice.bench_alerts import measure_delivery
+from loopservice.bench_kafka import bench_kafka
+from loopservice.bench_projections import bench_projections
 from loopservice.domain.events import EVENT_ADAPTER, Event
 from loopservice.domain.policy import Policy, policy_from_mapping
 from loopservice.infra.sqlite_log import interaction_log, open_datastore
@@ -31,6 +33,10 @@ console = Console(stderr=True)
 @click.group()
 def bench() -> None:
     """Benchmarks: each prints events/s beside the machine's own limit."""
+
+
+bench.add_command(bench_projections)
+bench.add_command(bench_kafka)
 
 
 def sample_events(n: int) -> list[Event]:

@@ -18,15 +18,17 @@ from loopservice.infra.alerts_api import alerts_router
 from loopservice.infra.api import create_app
 from loopservice.infra.dashboard import dashboard_router
 from loopservice.infra.dead_letters import DeadLetterStore
+from loopservice.infra.loop_api import loop_router, maturity_page_router
 from loopservice.infra.metrics import Metrics
 from loopservice.infra.projections_api import projections_router
 from loopservice.infra.read_api import read_router
 from loopservice.infra.settings import Settings
 from loopservice.infra.sqlite_log import SQLiteLog, interaction_log, open_datastore, signal_log
 from loopservice.policy_cli import default_policy
+from loopservice.projections.loop_queries import LoopQueries
 from loopservice.projections.queries import ProjectionQueries
 from loopservice.projections.runner import ProjectionRunner, default_folds
-from loopservice.projections.store import ProjectionStore
+from loopservice.projections.store import open_projection_store
 from loopservice.streams.clock import Clock, WallClock
 from loopservice.streams.engine import EmbeddedEngine
 from loopservice.streams.explain import EXPLAIN_TOPICS, explain_case
@@ -60,7 +62,7 @@ def build_system(settings: Settings, clock: Clock | None = None) -> System:
     log = interaction_log(datastore, clock)
     signals = signal_log(datastore, clock)
     dead_letters = DeadLetterStore(datastore, clock)
-    projection_store = ProjectionStore(datastore)
+    projection_store = open_projection_store(settings.projections_url, datastore)
     projections = ProjectionRunner(projection_store, log, signals, default_folds(default_policy()))
     queries = ProjectionQueries(projection_store, log, signals, default_policy())
     rules: RulesBook[Policy] = RulesBook(default_policy(), policy_from_mapping)
@@ -138,6 +140,8 @@ def build_app(system: System, routers: Sequence[APIRouter] = (), speedup: float 
             read,
             alerts_router(system.outbox, system.log.append, system.clock),
             projections_router(system.queries),
+            loop_router(LoopQueries(system.queries.store, default_policy())),
+            maturity_page_router(),
             dashboard_router(),
             *routers,
         ],

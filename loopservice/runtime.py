@@ -17,6 +17,15 @@ from rich.progress import Progress
 
 from loopservice.bootstrap import System, build_app, build_system, console_sink
 from loopservice.infra.alerts import AlertMetrics, Dispatcher
+from loopservice.infra.api import create_app
+from loopservice.infra.kafka_log import (
+    DEAD_LETTERS,
+    INTERACTIONS,
+    SIGNALS,
+    LogUnavailable,
+    ensure_topics,
+)
+from loopservice.infra.kafka_log import interaction_log as kafka_interaction_log
 from loopservice.infra.settings import Settings, load_tokens
 from loopservice.simulator import generate
 from loopservice.simulator_world import SimulationConfig
@@ -95,14 +104,43 @@ def run_command(host: str | None, port: int | None, db: Path | None) -> None:
 
     The engine replays the log to rebuild its state, then follows it live: SLA timers fire on
     the watermark, and clock ticks are appended once the engine has caught up.
+
+    With LOOP_ENGINE=kafka it serves only the ingest API (and /healthz, /metrics) in front of
+    the broker; `loopservice worker` processes run the processors.
     """
     settings = Settings.from_env(
         http_host=host, http_port=port, log_url=f"sqlite:///{db}" if db else None
     )
+    if settings.engine == "kafka":
+        serve_kafka_ingest(settings)
+        return
     system = build_system(settings, WallClock())
     replay_existing(system)
     console.print(f"Loop Service on {_link(settings, settings.http_host, settings.http_port)}")
     asyncio.run(serve(system, system.clock, host=settings.http_host, port=settings.http_port))
+
+
+def serve_kafka_ingest(settings: Settings) -> None:
+    """With `LOOP_ENGINE=kafka` this process is the ingest API in front of the broker: an event
+    is acknowledged (2xx) only once the broker has it (acks=all), and while the broker cannot
+    be reached requests get 503 with nothing acknowledged. `loopservice worker` processes run
+    the processors."""
+    topic = settings.kafka_topic_prefix + INTERACTIONS
+    try:
+        ensure_topics(
+            settings.kafka_bootstrap,
+            settings.kafka_partitions,
+            topics=[settings.kafka_topic_prefix + t for t in (INTERACTIONS, SIGNALS, DEAD_LETTERS)],
+        )
+    except (LogUnavailable, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    with kafka_interaction_log(settings.kafka_bootstrap, topic=topic, timeout=5.0) as log:
+        app = create_app(settings, log, clock=WallClock())
+        console.print(
+            f"Loop Service ingest on http://{settings.http_host}:{settings.http_port}/v1/events "
+            f"→ {topic} on {settings.kafka_bootstrap}"
+        )
+        uvicorn.run(app, host=settings.http_host, port=settings.http_port, log_level="warning")
 
 
 @click.command("demo")

@@ -47,8 +47,9 @@ from loopservice.domain.events import (
 from loopservice.domain.policy import Policy, policy_from_mapping
 from loopservice.domain.signals import (
     HandoffRuleViolated,
+    OpportunityDetected,
     PatternDetected,
-    RiskChanged,
+    RiskSignal,
     Signal,
     SlaBreached,
     SlaBreachRetracted,
@@ -152,8 +153,11 @@ def signal_summary(signal: Signal) -> str:
             return f"{signal.metric} breach retracted: {short(signal.reason)}"
         case HandoffRuleViolated():
             return f"handoff rule {signal.rule}: {short(signal.detail)}"
-        case RiskChanged():
-            return f"risk {signal.previous_level} → {signal.level} ({signal.score:g})"
+        case RiskSignal():
+            top = ", ".join(f.factor for f in signal.factors)
+            return f"risk {signal.previous_level} → {signal.level} ({signal.score:g}): {top}"
+        case OpportunityDetected():
+            return f"opportunity {signal.opportunity}"
         case PatternDetected():
             return f"pattern {signal.pattern}: {short(signal.key)}"
     return signal.type
@@ -339,9 +343,16 @@ class ContextFold:
         own: dict[str, Any] = doc["signals"]
         counts: dict[str, int] = own["counts"]
         counts[signal.type] = counts.get(signal.type, 0) + 1
-        if isinstance(signal, RiskChanged):
-            own["latest_risk"] = {"score": signal.score, "level": signal.level,
-                                  "reasons": list(signal.reasons), "at": entry["at"]}  # fmt: skip
+        if isinstance(signal, RiskSignal):
+            own["latest_risk"] = {
+                "score": signal.score, "level": signal.level,
+                "previous_level": signal.previous_level, "at": entry["at"],
+                "reasons": [
+                    {"factor": f.factor, "points": f.points, "detail": f.detail,
+                     "caused_by": list(f.caused_by)}
+                    for f in signal.factors
+                ],
+            }  # fmt: skip
         brief = {k: entry[k] for k in ("type", "at", "case_id", "summary")}
         if isinstance(signal, SlaSignal):
             brief["metric"] = signal.metric

@@ -6,12 +6,13 @@ rebalance, so the state must be recoverable from the changelog alone. Each accou
 own `Topology` (the same processors the embedded engine runs, restricted to that account's
 events); after a record changes an account, it is pickled under `acct/<partition>/<tenant>/<id>`.
 What every account shares — the policy book and the objects derived from a policy (calendars,
-memoised answers) — is written as a reference, not a copy, and resolved on load
-(`pickle`'s persistent ids), so a snapshot stays small and the shared objects stay shared.
+memoised answers) — is written as a reference, not a copy, and resolved on load by the loading
+partition, so a snapshot stays small and the shared objects stay shared.
 
 The partition's own state — watermark, highest event time, the policy events it has seen — is a
-small JSON document under `part/<partition>`, written after the accounts, so a document that
-was written means every account of its batch was too.
+small JSON document under `part/<partition>`, written at once when a policy arrives and every
+`META_EVERY` records otherwise: the watermark stored is only where a restored partition starts
+from, and replaying the records after the committed offset moves it on again.
 
 Exactly-once effect over an at-least-once consumer: Faust flushes the changelog before it commits
 offsets, so after a crash the state may be ahead of the committed offset but never behind. Each
@@ -30,13 +31,15 @@ import io
 import logging
 import pickle
 from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import count
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
+from loopservice.domain.calendar import BusinessCalendar
 from loopservice.domain.events import ClockTick, Event, PolicyPublished
 from loopservice.domain.policy import Policy, policy_from_mapping
 from loopservice.domain.signals import Signal
@@ -47,6 +50,7 @@ from loopservice.streams.topology import Topology, build_topology
 logger = logging.getLogger(__name__)
 
 FailureHandler = Callable[[int, Event, str, Exception], None]
+META_EVERY = 200  # records between writes of a partition's watermark
 
 
 def account_key(partition: int, tenant_id: str, account_id: str) -> str:
@@ -78,7 +82,7 @@ class Partition:
         self.allowed_lateness = allowed_lateness
         self.on_failure = on_failure
         self.rules: RulesBook[Policy] = RulesBook(default_policy, policy_from_mapping)
-        self.sla_cache: dict[int, CachedRules] = {}
+        self.sla_cache = RulesMemo()
         self.accounts: dict[str, AccountSlot] = {}
         self.watermark: datetime | None = None
         self.max_seen: datetime | None = None
@@ -89,6 +93,10 @@ class Partition:
         self._seq = count()
         self._dirty: dict[str, None] = {}  # insertion-ordered set
         self._meta_dirty = False
+        self._policy_unsaved = False
+        self._unsaved_meta = 0
+        self._shared_ids: dict[int, tuple[str, ...]] | None = None
+        self._shared_version = (0, 0)
 
     # -- restore -----------------------------------------------------------------------------
 
@@ -129,7 +137,7 @@ class Partition:
                 if event.event_id not in self.policies:
                     self.rules.publish(event)
                     self.policies[event.event_id] = event.model_dump_json().encode()
-                    self._meta_dirty = True
+                    self._meta_dirty = self._policy_unsaved = True
             else:
                 out += self._handle(offset, event)
             if self.max_seen is None or event.occurred_at > self.max_seen:
@@ -208,9 +216,13 @@ class Partition:
         shared = self._shared()
         out = [(key, self._dumps(self.accounts[key], shared)) for key in self._dirty]
         self._dirty.clear()
-        if self._meta_dirty or out:
+        self._unsaved_meta += 1
+        # The watermark stored is only a lower bound to resume from (replay moves it on), so
+        # it need not be written for every record; a new policy must be, as accounts refer to it.
+        if self._policy_unsaved or (self._meta_dirty and self._unsaved_meta >= META_EVERY):
             out.append((partition_key(self.number), self._meta()))
-            self._meta_dirty = False
+            self._meta_dirty = self._policy_unsaved = False
+            self._unsaved_meta = 0
         return out
 
     def _meta(self) -> bytes:
@@ -223,7 +235,27 @@ class Partition:
             }
         )
 
+    def _dumps(self, slot: AccountSlot, shared: Mapping[int, tuple[str, ...]]) -> bytes:
+        def reference(obj: object) -> tuple[Any, ...]:
+            pid = shared.get(id(obj))
+            if pid is None:  # not one of this partition's: by value, as pickle would
+                return cast(tuple[Any, ...], obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL))
+            return (_shared_object, (pid,))
+
+        buffer = io.BytesIO()
+        pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+        # A dispatch table, unlike `persistent_id`, costs nothing for the objects it does not
+        # name: the C pickler only looks up their type.
+        pickler.dispatch_table = {kind: reference for kind in _SHARED_TYPES}
+        pickler.dump(slot)
+        return buffer.getvalue()
+
     def _shared(self) -> dict[int, tuple[str, ...]]:
+        """Ids of the objects written as references; rebuilt when a policy or memo is added."""
+        version = (len(self.rules.versions()), len(self.sla_cache))
+        if self._shared_ids is not None and self._shared_version == version:
+            return self._shared_ids
+        self._shared_version = version
         shared: dict[int, tuple[str, ...]] = {
             id(self.rules): ("rules",),
             id(self.sla_cache): ("sla_cache",),
@@ -234,15 +266,15 @@ class Partition:
                 shared[id(spec.calendar)] = ("calendar", policy.version, name)
         for cached in self.sla_cache.values():
             shared[id(cached)] = ("cached", cached.version)
+        self._shared_ids = shared
         return shared
 
-    def _dumps(self, slot: AccountSlot, shared: Mapping[int, tuple[str, ...]]) -> bytes:
-        buffer = io.BytesIO()
-        _Pickler(buffer, shared).dump(slot)
-        return buffer.getvalue()
-
     def _loads(self, value: bytes) -> AccountSlot:
-        slot: AccountSlot = _Unpickler(io.BytesIO(value), self._resolve).load()
+        token = _resolver.set(self._resolve)
+        try:
+            slot: AccountSlot = pickle.loads(value)
+        finally:
+            _resolver.reset(token)
         return slot
 
     def _resolve(self, pid: tuple[str, ...]) -> Any:
@@ -270,22 +302,18 @@ class Partition:
         raise pickle.UnpicklingError(f"policy version {version} is not on this partition")
 
 
-class _Pickler(pickle.Pickler):
-    def __init__(self, file: io.BytesIO, shared: Mapping[int, tuple[str, ...]]) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self._shared_ids = shared
-
-    def persistent_id(self, obj: Any) -> tuple[str, ...] | None:
-        return self._shared_ids.get(id(obj))
+class RulesMemo(dict[int, CachedRules]):
+    """The per-policy memo the SLA processors of one partition share (a type of its own, so
+    the pickler can tell it from any other dict)."""
 
 
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, resolve: Callable[[tuple[str, ...]], Any]) -> None:
-        super().__init__(file)
-        self._resolve = resolve
+_SHARED_TYPES = (RulesBook, RulesMemo, Policy, BusinessCalendar, CachedRules)
+_resolver: ContextVar[Callable[[tuple[str, ...]], Any]] = ContextVar("resolver")
 
-    def persistent_load(self, pid: Any) -> Any:
-        return self._resolve(tuple(pid))
+
+def _shared_object(pid: tuple[str, ...]) -> Any:
+    """Called by `pickle.loads` for each shared object: the loading partition's own."""
+    return _resolver.get()(pid)
 
 
 def _iso(at: datetime | None) -> str | None:

@@ -175,6 +175,24 @@ class SlaProcessor:
     def _schedule(self, case_clocks: sla.CaseClocks, rules: sla.SlaRules) -> None:
         for timer in sla.new_timers(case_clocks, rules):
             heapq.heappush(self._queue, (timer.at, next(self._seq), timer))
+        if len(self._queue) > 16 and len(self._queue) > 4 * len(self.cases):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drops queued timers whose clock has moved on: lazily invalidated entries would
+        otherwise pile up until their (possibly far) instants pass."""
+        self._queue = [entry for entry in self._queue if self._live(entry[2])]
+        heapq.heapify(self._queue)
+
+    def _live(self, timer: sla.Timer) -> bool:
+        case_clocks = self.cases.get(timer.case_key)
+        clock = case_clocks.clocks.get(timer.metric) if case_clocks is not None else None
+        return (
+            clock is not None
+            and clock.cycle == timer.cycle
+            and clock.due_at == timer.due_at
+            and timer.kind not in clock.fired
+        )
 
 
 class HandoffProcessor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loopservice.domain.policy import Policy
+from loopservice.streams.health_processor import HealthProcessor, SignalTap
 from loopservice.streams.pattern_processors import (
     CasePatternProcessor,
     FollowupProcessor,
@@ -34,12 +35,17 @@ class Topology:
     sla: SlaProcessor
     handoffs: HandoffProcessor
     patterns: tuple[Processor, ...]
+    health: HealthProcessor
     tenant_wide: tuple[Processor, ...] = ()
 
     @property
     def by_account(self) -> list[Processor]:
-        """In engine order: case state, SLA, handoffs, case patterns, follow-ups."""
-        return [self.cases, self.sla, self.handoffs, *self.patterns]
+        """In engine order: case state, SLA, handoffs, case patterns, follow-ups, health.
+
+        The SLA processor is tapped so that the breaches it derives reach the health model
+        in the same step (see `streams.health_processor`)."""
+        sla = SignalTap(self.sla, self.health.observe)
+        return [self.cases, sla, self.handoffs, *self.patterns, self.health]
 
     @property
     def processors(self) -> list[Processor]:
@@ -59,6 +65,7 @@ def build_topology(
         sla=SlaProcessor(rules, cache=sla_cache),
         handoffs=HandoffProcessor(rules),
         patterns=(CasePatternProcessor(), FollowupProcessor()),
+        health=HealthProcessor(rules),
         tenant_wide=(TopicSurgeProcessor(),),
     )
 

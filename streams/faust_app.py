@@ -1,0 +1,305 @@
+"""The Kafka engine: a Faust app whose agents run the embedded engine's processors per partition.
+
+`fold` consumes the interactions topic (key = `account_id`) and hands each record to the
+`Partition` of its partition number (`streams/partitioned.py`): the same processors as the
+embedded engine, per account, state pickled into the `state` table, whose changelog topic is
+how a worker that takes the partition over gets the state back. Signals go to the signals topic
+and are acknowledged by the broker before the state that produced them is written, so a crash
+can only make a worker derive a signal again (same identity), never lose one.
+
+Time is per partition: the watermark follows the partition's own event times and clock ticks.
+`tick` (every `tick_interval` seconds, on every worker, for the partitions it owns) appends a
+clock tick to a partition once it has caught up and its next deadline has come due on the wall
+clock, exactly as the embedded engine does for its one log.
+
+`deliver` consumes the signals topic and sends each on-call alert (routed by the policy in force)
+to its sink, remembering the delivered identities in the `delivered` table; a signal derived
+twice is delivered once, and one whose delivery was interrupted by a crash is delivered again
+with the same idempotency key (`X-Loop-Signal-Id`).
+
+Tenant-wide processors (topic surges count across a tenant's accounts) do not run here yet:
+their input must first be re-keyed by tenant.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import faust
+import orjson
+from mode.utils.times import Seconds
+
+from loopservice.domain.events import Event, clock_tick
+from loopservice.domain.policy import Policy
+from loopservice.domain.signals import Signal
+from loopservice.streams.clock import Clock
+from loopservice.streams.partitioned import Partition
+
+logger = logging.getLogger(__name__)
+
+TABLES = ("state", "delivered")  # their changelogs: <app id>-<table>-changelog
+Decode = Callable[[str, bytes], Event]
+AlertSink = Callable[[Signal, str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class KafkaTopics:
+    interactions: str
+    signals: str
+    dead_letters: str
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    bootstrap: str
+    topics: KafkaTopics
+    partitions: int = 8
+    app_id: str = "loopservice"
+    data_dir: str = "var/faust"
+    allowed_lateness: timedelta = timedelta(seconds=1)
+    tick_interval: Seconds | None = 0.5  # None: no clock ticks (a fixed log is re-run)
+    session_timeout: float = 10.0
+    web_port: int = 6066
+
+
+@dataclass
+class Engine:
+    """What `create_app` built, for the worker command and for tests."""
+
+    app: faust.App
+    partitions: dict[int, Partition]
+
+
+def create_app(
+    config: WorkerConfig,
+    *,
+    policy: Policy,
+    decode: Decode,
+    clock: Clock,
+    alert_sink: AlertSink,
+    on_signals: Callable[[list[Signal]], None] = lambda _: None,
+) -> Engine:
+    app = faust.App(
+        config.app_id,
+        broker=f"kafka://{config.bootstrap}",
+        store="memory://",
+        datadir=config.data_dir,
+        topic_partitions=config.partitions,
+        topic_replication_factor=1,
+        topic_allow_declare=True,
+        table_standby_replicas=0,
+        processing_guarantee="at_least_once",
+        consumer_auto_offset_reset="earliest",
+        web_port=config.web_port,
+        web_host="127.0.0.1",
+        producer_acks=-1,
+        broker_commit_every=500,
+        broker_commit_interval=1.0,
+        # A worker killed without leaving the group is noticed after this; its partitions then
+        # move to the others.
+        broker_session_timeout=config.session_timeout,
+        broker_heartbeat_interval=config.session_timeout / 4,
+    )
+    raw: faust.Schema = faust.Schema(
+        key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
+    interactions = app.topic(
+        config.topics.interactions,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=config.partitions,
+        internal=False,
+    )
+    signals_topic = app.topic(
+        config.topics.signals,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=config.partitions,
+        internal=False,
+    )
+    dead_letters = app.topic(
+        config.topics.dead_letters,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        internal=False,
+    )
+    state = app.Table(
+        "state",
+        default=None,
+        partitions=config.partitions,
+        key_type=bytes,  # "raw" in the changelog; recovery decodes by these types
+        value_type=bytes,
+        schema=raw,
+    )
+    delivered = app.Table(
+        "delivered",
+        default=None,
+        partitions=config.partitions,
+        key_type=bytes,  # "raw" in the changelog; recovery decodes by these types
+        value_type=bytes,
+        schema=raw,
+    )
+    engine = Engine(app, {})
+    failures: list[tuple[int, int, Event, str, Exception]] = []
+
+    def partition(number: int) -> Partition:
+        found = engine.partitions.get(number)
+        if found is None:
+
+            def on_failure(offset: int, event: Event, processor: str, exc: Exception) -> None:
+                failures.append((number, offset, event, processor, exc))
+
+            found = Partition(
+                number,
+                policy,
+                allowed_lateness=config.allowed_lateness,
+                on_failure=on_failure,
+            )
+            found.restore(_stored(state))
+            engine.partitions[number] = found
+        return found
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def forget(sender: Any, revoked: set[Any], **_: Any) -> None:
+        # Another worker may change these partitions' state before we get them back.
+        for tp in revoked:
+            if tp.topic == config.topics.interactions:
+                engine.partitions.pop(tp.partition, None)
+
+    @app.agent(interactions)
+    async def fold(stream: Any) -> None:
+        # One record at a time: Faust acknowledges a record (and may commit its offset) once
+        # this body moves on, by then its state is in the producer's buffer, which Faust
+        # flushes before it commits. (Batches from `take_events` hung across rebalances.)
+        async for record in stream.events():
+            message = record.message
+            event = decode(_type_of(message.headers, message.value), message.value)
+            part = partition(message.partition)
+            out = part.process(message.offset, event)
+            if out:
+                await _publish(signals_topic, out)  # acknowledged before the state is written
+                on_signals(out)
+            while failures:
+                await _dead_letter(dead_letters, *failures.pop(0))
+            for key, value in part.flush():
+                state[key.encode()] = value  # to this record's partition's changelog
+
+    async def tick() -> None:
+        now = clock.now() - config.allowed_lateness
+        for number, part in list(engine.partitions.items()):
+            due = part.next_due()
+            if due is None or now < due:
+                continue
+            if part.watermark is not None and now <= part.watermark:
+                continue
+            tp = _tp(app, config.topics.interactions, number)
+            if tp is None or app.consumer.highwater(tp) > part.offset + 1:
+                continue  # not caught up: the backlog moves the watermark first
+            tick_event = clock_tick(now, partition=number)
+            await interactions.send(
+                key=tick_event.account_id.encode(),
+                value=tick_event.model_dump_json().encode(),
+                partition=number,
+                headers=[("type", b"clock.tick"), ("id", tick_event.event_id.encode())],
+            )
+
+    if config.tick_interval is not None:
+        app.timer(interval=config.tick_interval)(tick)
+
+    @app.agent(signals_topic)
+    async def deliver(stream: Any) -> None:
+        async for record in stream.events():
+            message = record.message
+            signal_id = _header(message.headers, "id") or b""
+            if delivered.get(signal_id) is not None:
+                continue  # derived twice (a worker re-derived it after a crash)
+            signal = _decode_signal(_type_of(message.headers, message.value), message.value)
+            route = policy.oncall.route_for(signal.type, _team(signal), _priority(signal))
+            if route is not None:
+                await alert_sink(signal, route.sink)
+            delivered[signal_id] = b"1"
+
+    return engine
+
+
+def _stored(table: Any) -> Iterator[tuple[str, bytes]]:
+    for key, value in list(table.items()):
+        if value is not None:
+            yield (key.decode() if isinstance(key, bytes) else str(key)), value
+
+
+def _tp(app: faust.App, topic: str, number: int) -> Any:
+    for tp in app.consumer.assignment():
+        if tp.topic == topic and tp.partition == number:
+            return tp
+    return None
+
+
+async def _publish(topic: Any, signals: list[Signal]) -> None:
+    """Sends the signals and waits until the broker has them (acks=all)."""
+    pending = [
+        await topic.send(
+            key=s.account_id.encode(),
+            value=s.model_dump_json().encode(),
+            headers=[("type", s.type.encode()), ("id", s.signal_id.encode())],
+        )
+        for s in signals
+    ]
+    for future in pending:
+        await future
+
+
+async def _dead_letter(
+    topic: Any, partition: int, offset: int, event: Event, processor: str, exc: Exception
+) -> None:
+    # The reason names the exception type only: messages may quote the event's text.
+    body = orjson.dumps(
+        {
+            "partition": partition,
+            "offset": offset,
+            "event_id": event.event_id,
+            "type": event.type,
+            "processor": processor,
+            "reason": type(exc).__name__,
+            "event": event.model_dump(mode="json"),
+        }
+    )
+    await topic.send(key=event.account_id.encode(), value=body)
+
+
+def _header(headers: Any, name: str) -> bytes | None:
+    items = headers.items() if isinstance(headers, dict) else (headers or ())
+    for key, value in items:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def _type_of(headers: Any, body: bytes) -> str:
+    kind = _header(headers, "type")
+    # A platform producing straight to the topic may leave the header out.
+    return kind.decode() if kind is not None else str(orjson.loads(body)["type"])
+
+
+def _decode_signal(kind: str, body: bytes) -> Signal:
+    from loopservice.domain.signals import SIGNAL_ADAPTER
+
+    return SIGNAL_ADAPTER.validate_json(body)
+
+
+def _team(signal: Signal) -> Any:
+    return getattr(signal, "team", None)
+
+
+def _priority(signal: Signal) -> Any:
+    return getattr(signal, "priority", None)
