@@ -17,8 +17,8 @@ to its sink, remembering the delivered identities in the `delivered` table; a si
 twice is delivered once, and one whose delivery was interrupted by a crash is delivered again
 with the same idempotency key (`X-Loop-Signal-Id`).
 
-Tenant-wide processors (topic surges count across a tenant's accounts) do not run here yet:
-their input must first be re-keyed by tenant.
+`tenant_wide` runs the processors that count across a tenant's accounts (topic surges) in every
+worker, over all partitions, in event-time order (see `_run_tenant_wide`).
 """
 
 from __future__ import annotations
@@ -26,18 +26,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import faust
 import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from mode.utils.times import Seconds
 
 from loopservice.domain.events import Event, clock_tick
-from loopservice.domain.policy import Policy
+from loopservice.domain.policy import Policy, policy_from_mapping
 from loopservice.domain.signals import Signal
 from loopservice.streams.clock import Clock
 from loopservice.streams.partitioned import Partition
+from loopservice.streams.rules import RulesBook
+from loopservice.streams.topology import build_topology
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +216,10 @@ def create_app(
                 headers=[("type", b"clock.tick"), ("id", tick_event.event_id.encode())],
             )
 
+    @app.task
+    async def tenant_wide() -> None:
+        await _run_tenant_wide(config, policy, decode, signals_topic, on_signals)
+
     if config.tick_interval is not None:
         app.timer(interval=config.tick_interval)(tick)
 
@@ -230,6 +237,80 @@ def create_app(
             delivered[signal_id] = b"1"
 
     return engine
+
+
+async def _run_tenant_wide(
+    config: WorkerConfig,
+    policy: Policy,
+    decode: Decode,
+    signals_topic: Any,
+    on_signals: Callable[[list[Signal]], None],
+) -> None:
+    """The tenant-wide processors (topic surges), over every partition of the log.
+
+    Their input is small (case openings), so every worker runs them whole, from the start of
+    the log, instead of re-keying it by tenant; the copies of a signal share its identity and
+    delivery keeps one. The watermark is the lowest of the partitions' that still have records
+    to read (a caught-up partition would otherwise hold it back forever), so openings are
+    counted in event-time order, as the embedded engine counts them.
+    """
+    processors = build_topology(RulesBook(policy, policy_from_mapping)).tenant_wide
+    topic = config.topics.interactions
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=config.bootstrap, enable_auto_commit=False, group_id=None
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(config.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        marks: dict[int, datetime] = {}
+        watermark: datetime | None = None
+        while True:
+            batches = await consumer.getmany(*tps, timeout_ms=500, max_records=5000)
+            out: list[Signal] = []
+            for tp, records in batches.items():
+                for record in records:
+                    kind = _type_of(record.headers, record.value)
+                    if kind == "case.opened":
+                        event = decode(kind, record.value)
+                        for processor in processors:
+                            out += processor.handle(event)
+                        at = event.occurred_at - config.allowed_lateness
+                    else:
+                        at = datetime.fromisoformat(orjson.loads(record.value)["occurred_at"])
+                        if kind != "clock.tick":
+                            at -= config.allowed_lateness
+                    if tp.partition not in marks or at > marks[tp.partition]:
+                        marks[tp.partition] = at
+            candidate = await _lowest_mark(consumer, tps, marks)
+            if candidate is not None and (watermark is None or candidate > watermark):
+                watermark = candidate
+                for processor in processors:
+                    out += processor.advance(candidate)
+            if out:
+                await _publish(signals_topic, out)
+                on_signals(out)
+    finally:
+        await consumer.stop()
+
+
+async def _lowest_mark(
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition], marks: dict[int, datetime]
+) -> datetime | None:
+    """The lowest watermark among partitions with records still to read; None while one of
+    them has given none yet (its first records may be the earliest of all)."""
+    behind: list[datetime] = []
+    for tp in tps:
+        highwater = consumer.highwater(tp)
+        if highwater is not None and await consumer.position(tp) >= highwater:
+            continue  # caught up: it holds nothing back
+        if tp.partition not in marks:
+            return None
+        behind.append(marks[tp.partition])
+    if behind:
+        return min(behind)
+    return min(marks.values()) if marks else None
 
 
 def _stored(table: Any) -> Iterator[tuple[str, bytes]]:

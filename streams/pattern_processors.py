@@ -104,7 +104,13 @@ class CasePatternProcessor:
 
 
 class TopicSurgeProcessor:
-    """topic_surge per tenant and topic, from bucketed counts this processor owns."""
+    """topic_surge per tenant and topic, from bucketed counts this processor owns.
+
+    Openings are counted in event-time order as the watermark passes them, not in arrival
+    order: under Kafka they arrive from many partitions interleaved differently on every run,
+    and the signal (which case tips the count, the evidence) must not depend on that. An opening
+    that arrives below the watermark (late) is counted at once.
+    """
 
     name = "topic-surge"
 
@@ -112,24 +118,44 @@ class TopicSurgeProcessor:
         self.rules = rules or PatternRules()
         self.rates: dict[tuple[str, str], patterns.TopicRate] = {}
         self.history_from: dict[str, datetime] = {}
+        self._pending: list[tuple[datetime, str, CaseOpened]] = []
+        self._pending_ids: set[str] = set()
+        self._watermark: datetime | None = None
 
     def handle(self, event: Event) -> list[Signal]:
-        if not isinstance(event, CaseOpened):
+        if not isinstance(event, CaseOpened) or event.event_id in self._pending_ids:
             return []
         first = self.history_from.get(event.tenant_id)
         if first is None or event.occurred_at < first:
-            first = self.history_from[event.tenant_id] = event.occurred_at
+            self.history_from[event.tenant_id] = event.occurred_at
+        if self._watermark is not None and event.occurred_at <= self._watermark:
+            return self._count(event)
+        heapq.heappush(self._pending, (event.occurred_at, event.event_id, event))
+        self._pending_ids.add(event.event_id)
+        return []
+
+    def advance(self, watermark: datetime) -> list[Signal]:
+        if self._watermark is None or watermark > self._watermark:
+            self._watermark = watermark
+        out: list[Signal] = []
+        while self._pending and self._pending[0][0] <= watermark:
+            _, event_id, event = heapq.heappop(self._pending)
+            self._pending_ids.discard(event_id)
+            out += self._count(event)
+        return out
+
+    def next_due(self) -> datetime | None:
+        return self._pending[0][0] if self._pending else None
+
+    def _count(self, event: CaseOpened) -> list[Signal]:
         key = (event.tenant_id, event.topic)
         rate = self.rates.get(key)
         if rate is None:
             rate = self.rates[key] = patterns.TopicRate()
+        if any(r[1] == event.event_id for r in rate.recent):
+            return []  # a repeated submission of an opening already counted
+        first = self.history_from[event.tenant_id]
         return list(patterns.surge(rate, event, first, self.rules))
-
-    def advance(self, watermark: datetime) -> list[Signal]:
-        return []
-
-    def next_due(self) -> datetime | None:
-        return None
 
 
 class FollowupProcessor:

@@ -110,7 +110,7 @@ def start_worker(
             "--alert-webhook",
             hook.url,
             "--loglevel",
-            "warning",
+            os.environ.get("LOOP_TEST_WORKER_LOGLEVEL", "warning"),
             "--no-ticks",  # the log ends with its own ticks: the wall clock must not add any
         ],
         stdout=open(tmp / f"worker-{n}.log", "ab"),
@@ -176,7 +176,7 @@ def run_to_the_end(broker: KafkaBroker, prefix: str, group: str) -> None:
         signal_heads = log.heads()
     wait_until(
         lambda: consumed(broker.bootstrap, group, signals_topic, signal_heads),
-        120,
+        300,
         "the delivery agent to consume the signals",
     )
 
@@ -184,11 +184,13 @@ def run_to_the_end(broker: KafkaBroker, prefix: str, group: str) -> None:
 @pytest.fixture(scope="module")
 def workload(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Event], dict[str, Signal]]:
     """≥ 50k simulated events plus a final tick per partition, and the embedded engine's
-    signals for them (the tenant-wide topic surge processor excluded: see faust_app)."""
+    signals for them, topic surges included."""
     events = simulated(accounts=210, days=200, seed=5)
     end = max(e.occurred_at for e in events) + timedelta(days=30)
     expected = by_identity(
-        embedded_signals([*events, clock_tick(end)], tmp_path_factory.mktemp("embedded"))
+        embedded_signals(
+            [*events, clock_tick(end)], tmp_path_factory.mktemp("embedded"), tenant_wide=True
+        )
     )
     ticks = [clock_tick(end, partition=p) for p in range(PARTITIONS)]
     return [*events, *ticks], expected
@@ -203,6 +205,7 @@ def test_one_worker_gives_the_embedded_engines_signals(
     events, expected = workload
     assert len(events) >= 50_000
     assert sum(1 for s in expected.values() if s.type == "sla.breached") >= 300
+    assert any(getattr(s, "pattern", None) == "topic_surge" for s in expected.values())
     produce(kafka_broker.bootstrap, "one.", events)
     worker = start_worker(kafka_broker.bootstrap, "one.", "one", webhook, tmp_path, 1)
     try:

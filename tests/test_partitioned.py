@@ -27,12 +27,16 @@ def simulated(accounts: int, days: int, seed: int) -> list[Event]:
     return [EVENT_ADAPTER.validate_python(raw) for raw in generate(config)]
 
 
-def embedded_signals(events: list[Event], tmp_path: Path) -> list[Signal]:
+def embedded_signals(
+    events: list[Event], tmp_path: Path, *, tenant_wide: bool = False
+) -> list[Signal]:
     datastore = open_datastore(tmp_path / "embedded.db")
     log, signals = interaction_log(datastore), signal_log(datastore)
     log.append(events)
     topology = build_topology(RulesBook(default_policy(), policy_from_mapping))
-    engine = EmbeddedEngine(log, signals, topology.by_account)
+    engine = EmbeddedEngine(
+        log, signals, topology.processors if tenant_wide else topology.by_account
+    )
     engine.catch_up()
     return [r.value for r in signals.read(1, 10**9)]
 
