@@ -14,9 +14,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.concurrency import run_in_threadpool
 
+from loopservice.domain.events import Team
 from loopservice.infra.auth import Principal, require_scope
 
-BoardSource = Callable[[str], list[dict[str, Any]]]
+BoardSource = Callable[[str, Team | None], list[dict[str, Any]]]
+QueueSource = Callable[[str], list[dict[str, Any]]]
 SignalSource = Callable[[str, int], list[dict[str, Any]]]
 Explainer = Callable[[str, str], dict[str, Any] | None]
 
@@ -25,6 +27,7 @@ Reader = Annotated[Principal, Depends(require_scope("read"))]
 
 def read_router(
     board: BoardSource,
+    queues: QueueSource,
     signals: SignalSource,
     explain: Explainer,
     now: Callable[[], datetime],
@@ -33,10 +36,20 @@ def read_router(
     router = APIRouter(prefix="/v1", tags=["read"])
 
     @router.get("/board")
-    async def get_board(principal: Reader) -> dict[str, Any]:
-        """Running SLA clocks, nearest deadline first, with the server's now and clock speed."""
-        rows = await run_in_threadpool(board, principal.tenant)
+    async def get_board(principal: Reader, team: Team | None = None) -> dict[str, Any]:
+        """Running SLA clocks (of one team if given), nearest deadline first, with the
+        server's now and clock speed."""
+        rows = await run_in_threadpool(board, principal.tenant, team)
         return {"now": now().isoformat(), "speedup": speedup, "clocks": rows}
+
+    @router.get("/queues")
+    async def get_queues(principal: Reader) -> dict[str, Any]:
+        """Each team's queue: cases with a running SLA clock, by priority, how many have
+        breached, and the team's nearest deadline."""
+        return {
+            "now": now().isoformat(),
+            "queues": await run_in_threadpool(queues, principal.tenant),
+        }
 
     @router.get("/signals")
     async def get_signals(

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from rich.console import Console
 
-from loopservice.domain.events import Event
+from loopservice.domain.events import Event, Team
 from loopservice.domain.policy import Policy, policy_from_mapping
 from loopservice.domain.signals import Signal
 from loopservice.infra.alerts import AckFollower, Outbox
@@ -115,9 +115,13 @@ def build_system(settings: Settings, clock: Clock | None = None) -> System:
 
 
 def build_app(system: System, routers: Sequence[APIRouter] = (), speedup: float = 1.0) -> FastAPI:
-    def board(tenant: str) -> list[dict[str, Any]]:
+    def board(tenant: str, team: Team | None) -> list[dict[str, Any]]:
         with system.engine.lock:
-            return system.sla.board(tenant)
+            return system.sla.board(tenant, team=team)
+
+    def queues(tenant: str) -> list[dict[str, Any]]:
+        with system.engine.lock:
+            return system.sla.queues(tenant)
 
     def latest_signals(tenant: str, limit: int) -> list[dict[str, Any]]:
         head = system.signals.head()
@@ -130,7 +134,7 @@ def build_app(system: System, routers: Sequence[APIRouter] = (), speedup: float 
         found = explain_case(system.log.values(topics=EXPLAIN_TOPICS), tenant, case_id, rules)
         return dataclasses.asdict(found) if found is not None else None
 
-    read = read_router(board, latest_signals, explanation, system.clock.now, speedup)
+    read = read_router(board, queues, latest_signals, explanation, system.clock.now, speedup)
     return create_app(
         system.settings,
         system.log,

@@ -6,6 +6,7 @@ import hashlib
 import heapq
 from datetime import datetime
 from itertools import count
+from typing import Any
 
 import orjson
 
@@ -143,11 +144,14 @@ class SlaProcessor:
             cached = self._cached[id(policy)] = CachedRules(policy)
         return cached
 
-    def board(self, tenant_id: str, limit: int = 200) -> list[dict[str, object]]:
-        """Running clocks of one tenant, the nearest deadline first (the live SLA board)."""
+    def board(
+        self, tenant_id: str, limit: int = 200, team: Team | None = None
+    ) -> list[dict[str, object]]:
+        """Running clocks of one tenant (and team), the nearest deadline first (the live SLA
+        board)."""
         rows: list[dict[str, object]] = []
         for (tenant, case_id), case_clocks in list(self.cases.items()):
-            if tenant != tenant_id:
+            if tenant != tenant_id or (team is not None and case_clocks.team != team):
                 continue
             for clock in list(case_clocks.clocks.values()):
                 if clock.due_at is None:
@@ -168,6 +172,31 @@ class SlaProcessor:
                 )
         rows.sort(key=lambda r: str(r["due_at"]))
         return rows[:limit]
+
+    def queues(self, tenant_id: str) -> list[dict[str, object]]:
+        """Per team: cases with a running clock, by priority, breached, nearest deadline."""
+        teams: dict[Team, dict[str, Any]] = {}
+        for (tenant, _), case_clocks in list(self.cases.items()):
+            dues = [c.due_at for c in case_clocks.clocks.values() if c.due_at is not None]
+            if tenant != tenant_id or not dues:
+                continue
+            queue = teams.setdefault(
+                case_clocks.team,
+                {"team": case_clocks.team.value, "cases": 0, "by_priority": {}, "breached": 0,
+                 "next_due": None},
+            )  # fmt: skip
+            queue["cases"] += 1
+            priority = case_clocks.priority.value
+            queue["by_priority"][priority] = queue["by_priority"].get(priority, 0) + 1
+            if any("breach" in c.fired for c in case_clocks.clocks.values()):
+                queue["breached"] += 1
+            nearest = min(dues)
+            if queue["next_due"] is None or nearest < queue["next_due"]:
+                queue["next_due"] = nearest
+        rows = sorted(teams.values(), key=lambda q: str(q["team"]))
+        for row in rows:
+            row["next_due"] = row["next_due"].isoformat()
+        return rows
 
     def open_clocks(self) -> int:
         return sum(len(c.clocks) for c in self.cases.values())

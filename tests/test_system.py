@@ -99,3 +99,37 @@ def test_explain_endpoint_gives_the_priority_rule_and_is_tenant_scoped(tmp_path:
     assert {c["metric"] for c in body["clocks"]} == {"first_response", "resolution"}
     assert client.get("/v1/cases/c1/explain", headers=auth(GLOBEX_READ)).status_code == 404
     assert client.get("/v1/cases/nope/explain", headers=auth(ACME_READ)).status_code == 404
+
+
+def test_board_per_team_and_team_queues(tmp_path: Path) -> None:
+    system, client, _ = system_and_client(tmp_path)
+    events = [
+        raw_event("case.opened", 0, case="c1", subject="Login", topic="login", impact="critical",
+                  urgency="high"),
+        raw_event("case.opened", 1, case="c2", subject="Export", topic="export", impact="low",
+                  urgency="low"),
+        raw_event("case.opened", 2, case="c3", subject="Setup", topic="setup", impact="medium",
+                  urgency="medium"),
+        raw_event("case.handed_off", 3, case="c3", from_team="support", to_team="onboarding",
+                  reason="first-week setup", summary="customer needs the import wizard",
+                  actor={"kind": "agent", "id": "a-1", "team": "support"}),
+    ]  # fmt: skip
+    r = client.post("/v1/events", json=events, headers=auth(ACME_ALL))
+    assert r.status_code == 202, r.text
+    system.engine.catch_up()  # type: ignore[attr-defined]
+
+    support = client.get("/v1/board?team=support", headers=auth(ACME_READ)).json()["clocks"]
+    assert {c["case_id"] for c in support} == {"c1", "c2"}
+    onboarding = client.get("/v1/board?team=onboarding", headers=auth(ACME_READ)).json()
+    assert {c["case_id"] for c in onboarding["clocks"]} == {"c3"}
+    assert client.get("/v1/board?team=nobody", headers=auth(ACME_READ)).status_code == 422
+
+    queues = client.get("/v1/queues", headers=auth(ACME_READ)).json()["queues"]
+    by_team = {q["team"]: q for q in queues}
+    assert by_team["support"]["cases"] == 2 and by_team["onboarding"]["cases"] == 1
+    assert sum(by_team["support"]["by_priority"].values()) == 2
+    assert by_team["support"]["by_priority"].get("P1") == 1
+    assert by_team["support"]["breached"] == 0
+    due = min(c["due_at"] for c in support)
+    assert by_team["support"]["next_due"] == due
+    assert client.get("/v1/queues", headers=auth(GLOBEX_READ)).json()["queues"] == []
