@@ -23,6 +23,8 @@ worker, over all partitions, in event-time order (see `_run_tenant_wide`).
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -36,7 +38,7 @@ from mode.utils.times import Seconds
 
 from loopservice.domain.events import Event, clock_tick
 from loopservice.domain.policy import Policy, policy_from_mapping
-from loopservice.domain.signals import Signal
+from loopservice.domain.signals import SIGNAL_ADAPTER, Signal
 from loopservice.streams.clock import Clock
 from loopservice.streams.partitioned import Partition
 from loopservice.streams.rules import RulesBook
@@ -112,30 +114,17 @@ def create_app(
     )
     interactions = app.topic(
         config.topics.interactions,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
+        schema=raw,
         partitions=config.partitions,
         internal=False,
     )
     signals_topic = app.topic(
         config.topics.signals,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
+        schema=raw,
         partitions=config.partitions,
         internal=False,
     )
-    dead_letters = app.topic(
-        config.topics.dead_letters,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        internal=False,
-    )
+    dead_letters = app.topic(config.topics.dead_letters, schema=raw, internal=False)
     state = app.Table(
         "state",
         default=None,
@@ -153,6 +142,7 @@ def create_app(
         schema=raw,
     )
     engine = Engine(app, {})
+    owned: set[int] = set()  # partitions of the interactions topic this worker holds now
     failures: list[tuple[int, int, Event, str, Exception]] = []
 
     def partition(number: int) -> Partition:
@@ -178,6 +168,11 @@ def create_app(
         for tp in revoked:
             if tp.topic == config.topics.interactions:
                 engine.partitions.pop(tp.partition, None)
+                owned.discard(tp.partition)
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def own(sender: Any, assigned: set[Any], **_: Any) -> None:
+        owned.update(tp.partition for tp in assigned if tp.topic == config.topics.interactions)
 
     @app.agent(interactions)
     async def fold(stream: Any) -> None:
@@ -186,6 +181,8 @@ def create_app(
         # flushes before it commits. (Batches from `take_events` hung across rebalances.)
         async for record in stream.events():
             message = record.message
+            if message.partition not in owned:
+                continue  # fetched before a rebalance took the partition: its new owner folds it
             event = decode(_type_of(message.headers, message.value), message.value)
             part = partition(message.partition)
             out = part.process(message.offset, event)
@@ -194,6 +191,10 @@ def create_app(
                 on_signals(out)
             while failures:
                 await _dead_letter(dead_letters, *failures.pop(0))
+            if engine.partitions.get(message.partition) is not part:
+                # Revoked while the signals were in flight: writing this state now could land
+                # after the new owner restored and overwrite what it folds since.
+                continue
             for key, value in part.flush():
                 state[key.encode()] = value  # to this record's partition's changelog
 
@@ -230,13 +231,31 @@ def create_app(
             signal_id = _header(message.headers, "id") or b""
             if delivered.get(signal_id) is not None:
                 continue  # derived twice (a worker re-derived it after a crash)
-            signal = _decode_signal(_type_of(message.headers, message.value), message.value)
+            signal = _decode_signal(message.value)
             route = policy.oncall.route_for(signal.type, _team(signal), _priority(signal))
             if route is not None:
-                await alert_sink(signal, route.sink)
+                await _deliver_until_done(alert_sink, signal, route.sink)
             delivered[signal_id] = b"1"
 
     return engine
+
+
+async def _deliver_until_done(sink: AlertSink, signal: Signal, route: str) -> None:
+    """Retries with backoff until the sink takes the alert: an agent that raised would be
+    restarted past the record, and the alert lost (at least once means never skipping one)."""
+    for attempt in itertools.count():
+        try:
+            await sink(signal, route)
+            return
+        except Exception as exc:
+            delay = min(30.0, 0.2 * 2**attempt)
+            logger.warning(
+                "alert %s: delivery failed (%s), retrying in %.1f s",
+                signal.signal_id,
+                type(exc).__name__,
+                delay,
+            )
+            await asyncio.sleep(delay)
 
 
 async def _run_tenant_wide(
@@ -372,9 +391,7 @@ def _type_of(headers: Any, body: bytes) -> str:
     return kind.decode() if kind is not None else str(orjson.loads(body)["type"])
 
 
-def _decode_signal(kind: str, body: bytes) -> Signal:
-    from loopservice.domain.signals import SIGNAL_ADAPTER
-
+def _decode_signal(body: bytes) -> Signal:
     return SIGNAL_ADAPTER.validate_json(body)
 
 
