@@ -12,8 +12,9 @@ Time is per partition: the watermark follows the partition's own event times and
 clock tick to a partition once it has caught up and its next deadline has come due on the wall
 clock, exactly as the embedded engine does for its one log.
 
-`deliver` consumes the signals topic and sends each on-call alert (routed by the policy in force)
-to its sink, remembering the delivered identities in the `delivered` table; a signal derived
+`deliver` consumes the signals topic and sends each on-call alert (routed by the shipped policy's
+on-call routes, not yet by the version on the log) to its sink, retrying a failing sink until it
+takes it, and remembers the delivered identities in the `delivered` table: a signal derived
 twice is delivered once, and one whose delivery was interrupted by a crash is delivered again
 with the same idempotency key (`X-Loop-Signal-Id`).
 
