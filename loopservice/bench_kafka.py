@@ -96,7 +96,7 @@ def _run(bootstrap: str, log: list[Event], partitions: int, workers: int, tmp: P
     ]  # fmt: skip
     try:
         with console.status(f"{workers} worker(s) folding {len(log):,} records"):
-            while not _consumed(bootstrap, group, names[0], ends):
+            while not group_consumed(bootstrap, group, names[0], ends):
                 time.sleep(0.5)
         return time.monotonic() - started
     finally:
@@ -106,7 +106,9 @@ def _run(bootstrap: str, log: list[Event], partitions: int, workers: int, tmp: P
             process.wait(30)
 
 
-def _consumed(bootstrap: str, group: str, topic: str, ends: dict[int, int]) -> bool:
+def group_consumed(bootstrap: str, group: str, topic: str, ends: dict[int, int]) -> bool:
+    """True once `group` has committed the end offset of every partition of `topic`."""
+
     async def committed() -> dict[int, int]:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         await admin.start()
