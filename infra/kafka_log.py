@@ -71,6 +71,11 @@ TOPIC_CONFIG: dict[str, str] = {
 R = TypeVar("R")
 
 
+def topic_names(prefix: str = "") -> tuple[str, str, str]:
+    """The interactions, signals and dead-letter topics of one deployment (`<prefix>loop.…`)."""
+    return (prefix + INTERACTIONS, prefix + SIGNALS, prefix + DEAD_LETTERS)
+
+
 class LogUnavailable(RuntimeError):
     """The broker did not acknowledge (or answer) in time; an append's outcome is unknown."""
 

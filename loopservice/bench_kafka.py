@@ -19,11 +19,9 @@ from rich.table import Table
 
 from loopservice.domain.events import EVENT_ADAPTER, Event, clock_tick
 from loopservice.infra.kafka_log import (
-    DEAD_LETTERS,
-    INTERACTIONS,
-    SIGNALS,
     ensure_topics,
     interaction_log,
+    topic_names,
 )
 from loopservice.simulator import generate
 from loopservice.simulator_world import SimulationConfig
@@ -73,7 +71,7 @@ def bench_kafka(events: int, partitions: int, bootstrap: str | None, max_workers
 
 def _run(bootstrap: str, log: list[Event], partitions: int, workers: int, tmp: Path) -> float:
     prefix = f"bench{workers}-{os.getpid()}."
-    names = [prefix + t for t in (INTERACTIONS, SIGNALS, DEAD_LETTERS)]
+    names = topic_names(prefix)
     ensure_topics(bootstrap, partitions, topics=names)
     with interaction_log(bootstrap, topic=names[0]) as kafka:
         for i in range(0, len(log), 5000):

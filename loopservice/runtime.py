@@ -19,11 +19,9 @@ from loopservice.bootstrap import System, build_app, build_system, console_sink
 from loopservice.infra.alerts import AlertMetrics, Dispatcher
 from loopservice.infra.api import create_app
 from loopservice.infra.kafka_log import (
-    DEAD_LETTERS,
-    INTERACTIONS,
-    SIGNALS,
     LogUnavailable,
     ensure_topics,
+    topic_names,
 )
 from loopservice.infra.kafka_log import interaction_log as kafka_interaction_log
 from loopservice.infra.settings import Settings, load_tokens
@@ -125,13 +123,10 @@ def serve_kafka_ingest(settings: Settings) -> None:
     is acknowledged (2xx) only once the broker has it (acks=all), and while the broker cannot
     be reached requests get 503 with nothing acknowledged. `loopservice worker` processes run
     the processors."""
-    topic = settings.kafka_topic_prefix + INTERACTIONS
+    names = topic_names(settings.kafka_topic_prefix)
+    topic = names[0]
     try:
-        ensure_topics(
-            settings.kafka_bootstrap,
-            settings.kafka_partitions,
-            topics=[settings.kafka_topic_prefix + t for t in (INTERACTIONS, SIGNALS, DEAD_LETTERS)],
-        )
+        ensure_topics(settings.kafka_bootstrap, settings.kafka_partitions, topics=names)
     except (LogUnavailable, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     with kafka_interaction_log(settings.kafka_bootstrap, topic=topic, timeout=5.0) as log:

@@ -16,11 +16,9 @@ from prometheus_client import Counter, start_http_server
 
 from loopservice.domain.signals import Signal
 from loopservice.infra.kafka_log import (
-    DEAD_LETTERS,
-    INTERACTIONS,
-    SIGNALS,
     LogUnavailable,
     ensure_topics,
+    topic_names,
 )
 from loopservice.infra.metrics import Metrics
 from loopservice.infra.settings import Settings
@@ -110,9 +108,7 @@ def worker_command(
         kafka_bootstrap=bootstrap, kafka_partitions=partitions, kafka_topic_prefix=topic_prefix
     )
     count = settings.kafka_partitions
-    topics = KafkaTopics(
-        *(settings.kafka_topic_prefix + t for t in (INTERACTIONS, SIGNALS, DEAD_LETTERS))
-    )
+    topics = KafkaTopics(*topic_names(settings.kafka_topic_prefix))
     try:
         ensure_topics(settings.kafka_bootstrap, count, topics=astuple(topics))
         # The tables' changelogs too, before any worker starts: two workers racing to create

@@ -24,12 +24,10 @@ from loopservice.bench_kafka import group_consumed
 from loopservice.domain.events import Event, clock_tick
 from loopservice.domain.signals import Signal
 from loopservice.infra.kafka_log import (
-    DEAD_LETTERS,
-    INTERACTIONS,
-    SIGNALS,
     ensure_topics,
     interaction_log,
     signal_log,
+    topic_names,
 )
 from loopservice.policy_cli import default_policy
 
@@ -72,13 +70,9 @@ def webhook() -> Iterator[Webhook]:
     hook.server.shutdown()
 
 
-def topics(prefix: str) -> tuple[str, str, str]:
-    return (prefix + INTERACTIONS, prefix + SIGNALS, prefix + DEAD_LETTERS)
-
-
 def produce(bootstrap: str, prefix: str, events: list[Event]) -> None:
-    ensure_topics(bootstrap, PARTITIONS, topics=topics(prefix))
-    with interaction_log(bootstrap, topic=topics(prefix)[0]) as log:
+    ensure_topics(bootstrap, PARTITIONS, topics=topic_names(prefix))
+    with interaction_log(bootstrap, topic=topic_names(prefix)[0]) as log:
         for i in range(0, len(events), 2000):
             log.append(events[i : i + 2000])
 
@@ -127,7 +121,7 @@ def wait_until(check: object, timeout: float, what: str) -> None:
 
 
 def kafka_signals(bootstrap: str, prefix: str) -> list[Signal]:
-    with signal_log(bootstrap, topic=topics(prefix)[1]) as log:
+    with signal_log(bootstrap, topic=topic_names(prefix)[1]) as log:
         return [
             r.value for p, head in log.heads().items() for r in log.read_partition(p, 1, head + 1)
         ]
@@ -144,7 +138,7 @@ def routed(signals: dict[str, Signal]) -> set[str]:
 
 def run_to_the_end(broker: KafkaBroker, prefix: str, group: str) -> None:
     """Waits until `group` has consumed the whole interactions topic, then every signal."""
-    interactions, signals_topic, _ = topics(prefix)
+    interactions, signals_topic, _ = topic_names(prefix)
     with interaction_log(broker.bootstrap, topic=interactions) as log:
         ends = log.heads()
     wait_until(
