@@ -53,7 +53,7 @@ def alert_sink(webhook: str | None) -> Callable[[Signal, str], Awaitable[None]]:
                 "x-loop-worker": worker,
             },
         )
-        # A failed delivery raises: the record is not acknowledged, so it is delivered again.
+        # A failed delivery raises: the alert is retried, its offset not committed until sent.
         response.raise_for_status()
         ALERTS.labels("webhook").inc()
 

@@ -12,11 +12,9 @@ Time is per partition: the watermark follows the partition's own event times and
 clock tick to a partition once it has caught up and its next deadline has come due on the wall
 clock, exactly as the embedded engine does for its one log.
 
-`deliver` consumes the signals topic and sends each on-call alert (routed by the shipped policy's
-on-call routes, not yet by the version on the log) to its sink, retrying a failing sink until it
-takes it, and remembers the delivered identities in the `delivered` table: a signal derived
-twice is delivered once, and one whose delivery was interrupted by a crash is delivered again
-with the same idempotency key (`X-Loop-Signal-Id`).
+`deliver` sends each on-call alert of the signals topic to its sink (routed by the shipped
+policy's on-call routes, not yet by the version on the log), at least once and deduplicated by
+identity, in a consumer group of its own (`streams/kafka_delivery.py`).
 
 `tenant_wide` runs the processors that count across a tenant's accounts (topic surges) in every
 worker, over all partitions, in event-time order (see `_run_tenant_wide`).
@@ -24,10 +22,8 @@ worker, over all partitions, in event-time order (see `_run_tenant_wide`).
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -39,17 +35,17 @@ from mode.utils.times import Seconds
 
 from loopservice.domain.events import Event, clock_tick
 from loopservice.domain.policy import Policy, policy_from_mapping
-from loopservice.domain.signals import SIGNAL_ADAPTER, Signal
+from loopservice.domain.signals import Signal
 from loopservice.streams.clock import Clock
+from loopservice.streams.kafka_delivery import AlertSink, run_delivery
 from loopservice.streams.partitioned import Partition
 from loopservice.streams.rules import RulesBook
 from loopservice.streams.topology import build_topology
 
 logger = logging.getLogger(__name__)
 
-TABLES = ("state", "delivered")  # their changelogs: <app id>-<table>-changelog
+TABLES = ("state",)  # their changelogs: <app id>-<table>-changelog
 Decode = Callable[[str, bytes], Event]
-AlertSink = Callable[[Signal, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -128,14 +124,6 @@ def create_app(
     dead_letters = app.topic(config.topics.dead_letters, schema=raw, internal=False)
     state = app.Table(
         "state",
-        default=None,
-        partitions=config.partitions,
-        key_type=bytes,  # "raw" in the changelog; recovery decodes by these types
-        value_type=bytes,
-        schema=raw,
-    )
-    delivered = app.Table(
-        "delivered",
         default=None,
         partitions=config.partitions,
         key_type=bytes,  # "raw" in the changelog; recovery decodes by these types
@@ -225,38 +213,18 @@ def create_app(
     if config.tick_interval is not None:
         app.timer(interval=config.tick_interval)(tick)
 
-    @app.agent(signals_topic)
-    async def deliver(stream: Any) -> None:
-        async for record in stream.events():
-            message = record.message
-            signal_id = _header(message.headers, "id") or b""
-            if delivered.get(signal_id) is not None:
-                continue  # derived twice (a worker re-derived it after a crash)
-            signal = _decode_signal(message.value)
-            route = policy.oncall.route_for(signal.type, _team(signal), _priority(signal))
-            if route is not None:
-                await _deliver_until_done(alert_sink, signal, route.sink)
-            delivered[signal_id] = b"1"
+    @app.task
+    async def deliver() -> None:
+        await run_delivery(
+            config.bootstrap,
+            config.topics.signals,
+            config.app_id,
+            policy,
+            alert_sink,
+            session_timeout=config.session_timeout,
+        )
 
     return engine
-
-
-async def _deliver_until_done(sink: AlertSink, signal: Signal, route: str) -> None:
-    """Retries with backoff until the sink takes the alert: an agent that raised would be
-    restarted past the record, and the alert lost (at least once means never skipping one)."""
-    for attempt in itertools.count():
-        try:
-            await sink(signal, route)
-            return
-        except Exception as exc:
-            delay = min(30.0, 0.2 * 2**attempt)
-            logger.warning(
-                "alert %s: delivery failed (%s), retrying in %.1f s",
-                signal.signal_id,
-                type(exc).__name__,
-                delay,
-            )
-            await asyncio.sleep(delay)
 
 
 async def _run_tenant_wide(
@@ -390,15 +358,3 @@ def _type_of(headers: Any, body: bytes) -> str:
     kind = _header(headers, "type")
     # A platform producing straight to the topic may leave the header out.
     return kind.decode() if kind is not None else str(orjson.loads(body)["type"])
-
-
-def _decode_signal(body: bytes) -> Signal:
-    return SIGNAL_ADAPTER.validate_json(body)
-
-
-def _team(signal: Signal) -> Any:
-    return getattr(signal, "team", None)
-
-
-def _priority(signal: Signal) -> Any:
-    return getattr(signal, "priority", None)

@@ -4,6 +4,7 @@ killed with SIGKILL mid-stream whose partitions the other takes over from the ch
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 from test_partitioned import by_identity, embedded_signals, simulated
 
 from kafka_broker import KafkaBroker, kafka_broker  # noqa: F401
@@ -30,6 +32,7 @@ from loopservice.infra.kafka_log import (
     topic_names,
 )
 from loopservice.policy_cli import default_policy
+from loopservice.streams.kafka_delivery import delivery_group
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -127,6 +130,32 @@ def kafka_signals(bootstrap: str, prefix: str) -> list[Signal]:
         ]
 
 
+def signal_positions(
+    bootstrap: str, prefix: str, ids: set[str]
+) -> dict[str, list[tuple[int, int]]]:
+    """Where the copies of these signals sit in the signals topic: (partition, position)."""
+    found: dict[str, list[tuple[int, int]]] = {}
+    with signal_log(bootstrap, topic=topic_names(prefix)[1]) as log:
+        for p, head in log.heads().items():
+            for r in log.read_partition(p, 1, head + 1):
+                if r.value.signal_id in ids:
+                    found.setdefault(r.value.signal_id, []).append((p, r.position))
+    return found
+
+
+def delivery_offsets(bootstrap: str, group: str) -> dict[int, int]:
+    async def committed() -> dict[int, int]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            offsets = await admin.list_consumer_group_offsets(delivery_group(group))
+        finally:
+            await admin.close()
+        return {tp.partition: meta.offset for tp, meta in offsets.items()}
+
+    return asyncio.run(committed())
+
+
 def routed(signals: dict[str, Signal]) -> set[str]:
     oncall = default_policy().oncall
     return {
@@ -149,7 +178,9 @@ def run_to_the_end(broker: KafkaBroker, prefix: str, group: str) -> None:
     with signal_log(broker.bootstrap, topic=signals_topic) as log:
         signal_heads = log.heads()
     wait_until(
-        lambda: group_consumed(broker.bootstrap, group, signals_topic, signal_heads),
+        lambda: group_consumed(
+            broker.bootstrap, delivery_group(group), signals_topic, signal_heads
+        ),
         300,
         "the delivery agent to consume the signals",
     )
@@ -194,15 +225,6 @@ def test_one_worker_gives_the_embedded_engines_signals(
     assert delivered == routed(expected)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "known open bug (issue 4): in about half of the runs, after the SIGKILL the surviving "
-        "worker stops consuming the signals topic for the partitions it took over (its deliver "
-        "agent stalls, no error logged) or, before 616c298, skipped a few alerts; the signals "
-        "on the log were always complete and equal to the embedded engine's"
-    ),
-)
 def test_two_workers_split_the_partitions_and_survive_a_sigkill(
     kafka_broker: KafkaBroker,  # noqa: F811
     workload: tuple[list[Event], dict[str, Signal]],
@@ -242,4 +264,11 @@ def test_two_workers_split_the_partitions_and_survive_a_sigkill(
     bodies: dict[str, bytes] = {}
     for sid, body in webhook.received:
         assert orjson.loads(bodies.setdefault(sid, body)) == orjson.loads(body)
+    undelivered = routed(expected) - bodies.keys()
+    assert not undelivered, (
+        len(undelivered),
+        signal_positions(kafka_broker.bootstrap, "two.", undelivered),
+        delivery_offsets(kafka_broker.bootstrap, "two"),
+        logs[1][-3000:],
+    )
     assert bodies.keys() == routed(expected)
