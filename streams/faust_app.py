@@ -12,9 +12,9 @@ Time is per partition: the watermark follows the partition's own event times and
 clock tick to a partition once it has caught up and its next deadline has come due on the wall
 clock, exactly as the embedded engine does for its one log.
 
-`deliver` sends each on-call alert of the signals topic to its sink (routed by the shipped
-policy's on-call routes, not yet by the version on the log), at least once and deduplicated by
-identity, in a consumer group of its own (`streams/kafka_delivery.py`).
+`deliver` sends each on-call alert of the signals topic to its sink (routed by the policy in
+force when it was detected), at least once and deduplicated by identity, in a consumer group of
+its own (`streams/kafka_delivery.py`).
 
 `tenant_wide` runs the processors that count across a tenant's accounts (topic surges) in every
 worker, over all partitions, in event-time order (see `_run_tenant_wide`).
@@ -33,11 +33,11 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from mode.utils.times import Seconds
 
-from loopservice.domain.events import Event, clock_tick
+from loopservice.domain.events import Event, PolicyPublished, clock_tick
 from loopservice.domain.policy import Policy, policy_from_mapping
 from loopservice.domain.signals import Signal
 from loopservice.streams.clock import Clock
-from loopservice.streams.kafka_delivery import AlertSink, run_delivery
+from loopservice.streams.kafka_delivery import AlertSink, PolicyFeed, run_delivery
 from loopservice.streams.partitioned import Partition
 from loopservice.streams.rules import RulesBook
 from loopservice.streams.topology import build_topology
@@ -206,9 +206,11 @@ def create_app(
                 headers=[("type", b"clock.tick"), ("id", tick_event.event_id.encode())],
             )
 
+    policies = PolicyFeed(RulesBook(policy, policy_from_mapping))
+
     @app.task
     async def tenant_wide() -> None:
-        await _run_tenant_wide(config, policy, decode, signals_topic, on_signals)
+        await _run_tenant_wide(config, policies, decode, signals_topic, on_signals)
 
     if config.tick_interval is not None:
         app.timer(interval=config.tick_interval)(tick)
@@ -219,7 +221,7 @@ def create_app(
             config.bootstrap,
             config.topics.signals,
             config.app_id,
-            policy,
+            policies,
             alert_sink,
             session_timeout=config.session_timeout,
         )
@@ -229,7 +231,7 @@ def create_app(
 
 async def _run_tenant_wide(
     config: WorkerConfig,
-    policy: Policy,
+    policies: PolicyFeed,
     decode: Decode,
     signals_topic: Any,
     on_signals: Callable[[list[Signal]], None],
@@ -241,8 +243,10 @@ async def _run_tenant_wide(
     delivery keeps one. The watermark is the lowest of the partitions' that still have records
     to read (a caught-up partition would otherwise hold it back forever), so openings are
     counted in event-time order, as the embedded engine counts them.
+
+    It reads the policy events too, into `policies`: the alert delivery routes by them.
     """
-    processors = build_topology(RulesBook(policy, policy_from_mapping)).tenant_wide
+    processors = build_topology(policies.rules).tenant_wide
     topic = config.topics.interactions
     consumer = AIOKafkaConsumer(
         bootstrap_servers=config.bootstrap, enable_auto_commit=False, group_id=None
@@ -252,6 +256,7 @@ async def _run_tenant_wide(
         tps = [TopicPartition(topic, p) for p in range(config.partitions)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
+        await policies.started(consumer)
         marks: dict[int, datetime] = {}
         watermark: datetime | None = None
         while True:
@@ -260,8 +265,10 @@ async def _run_tenant_wide(
             for tp, records in batches.items():
                 for record in records:
                     kind = _type_of(record.headers, record.value)
-                    if kind == "case.opened":
+                    if kind in ("case.opened", "policy.published"):
                         event = decode(kind, record.value)
+                        if isinstance(event, PolicyPublished):
+                            policies.rules.publish(event)
                         for processor in processors:
                             out += processor.handle(event)
                         at = event.occurred_at - config.allowed_lateness
@@ -271,6 +278,7 @@ async def _run_tenant_wide(
                             at -= config.allowed_lateness
                     if tp.partition not in marks or at > marks[tp.partition]:
                         marks[tp.partition] = at
+            await policies.advance({tp: rs[-1].offset + 1 for tp, rs in batches.items() if rs})
             candidate = await _lowest_mark(consumer, tps, marks)
             if candidate is not None and (watermark is None or candidate > watermark):
                 watermark = candidate

@@ -11,6 +11,12 @@ the same idempotency key (`X-Loop-Signal-Id`). A signal derived twice (a fold re
 crash, or the tenant-wide copies every worker publishes) has one identity and one key, hence one
 partition: the ids of the partition up to its committed offset are read back on assignment, so
 a copy later in the partition is not sent again.
+
+Alerts are routed by the policy in force when they were detected, as the embedded engine routes
+them: the policy events are on the interactions topic, which the tenant-wide reader of the same
+worker reads whole anyway (`PolicyFeed`). A batch of signals waits until that reader has passed
+every interaction on the log when the batch was fetched, so it knows every policy the fold had
+seen when it derived them.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from loopservice.domain.policy import Policy
 from loopservice.domain.signals import SIGNAL_ADAPTER, Signal
+from loopservice.streams.rules import RulesBook
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +43,42 @@ def delivery_group(app_id: str) -> str:
     return f"{app_id}-alerts"
 
 
+class PolicyFeed:
+    """The policies of the interactions topic, as far as this worker's reader has read it."""
+
+    def __init__(self, rules: RulesBook[Policy]) -> None:
+        self.rules = rules
+        self.reader: AIOKafkaConsumer | None = None  # assigned every interactions partition
+        self._read: dict[TopicPartition, int] = {}  # next offset to read
+        self._moved = asyncio.Condition()
+
+    async def advance(self, read: dict[TopicPartition, int]) -> None:
+        async with self._moved:
+            self._read.update(read)
+            self._moved.notify_all()
+
+    async def wait_for_the_log(self) -> None:
+        """Returns once the reader has read every record on the log now."""
+        async with self._moved:
+            await self._moved.wait_for(lambda: self.reader is not None)
+        assert self.reader is not None
+        ends = await self.reader.end_offsets(list(self.reader.assignment()))
+        async with self._moved:
+            await self._moved.wait_for(
+                lambda: all(self._read.get(tp, 0) >= end for tp, end in ends.items())
+            )
+
+    async def started(self, reader: AIOKafkaConsumer) -> None:
+        async with self._moved:
+            self.reader = reader
+            self._moved.notify_all()
+
+
 async def run_delivery(
     bootstrap: str,
     topic: str,
     app_id: str,
-    policy: Policy,
+    policies: PolicyFeed,
     sink: AlertSink,
     *,
     session_timeout: float = 10.0,
@@ -54,7 +92,7 @@ async def run_delivery(
         session_timeout_ms=int(session_timeout * 1000),
         heartbeat_interval_ms=int(session_timeout * 250),
     )
-    delivery = _Delivery(consumer, bootstrap, policy, sink)
+    delivery = _Delivery(consumer, bootstrap, policies, sink)
     consumer.subscribe([topic], listener=delivery)
     await consumer.start()
     try:
@@ -66,11 +104,11 @@ async def run_delivery(
 
 class _Delivery(ConsumerRebalanceListener):
     def __init__(
-        self, consumer: AIOKafkaConsumer, bootstrap: str, policy: Policy, sink: AlertSink
+        self, consumer: AIOKafkaConsumer, bootstrap: str, policies: PolicyFeed, sink: AlertSink
     ) -> None:
         self.consumer = consumer
         self.bootstrap = bootstrap
-        self.policy = policy
+        self.policies = policies
         self.sink = sink
         self.sent: dict[TopicPartition, set[bytes]] = {}  # ids up to the committed offset
         # Held while a batch is delivered: a revocation waits for the alert in flight and
@@ -79,6 +117,8 @@ class _Delivery(ConsumerRebalanceListener):
         self.revoking = False
 
     async def deliver(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        if batches:
+            await self.policies.wait_for_the_log()
         async with self.busy:
             held = self.consumer.assignment()
             for tp, records in batches.items():
@@ -118,7 +158,8 @@ class _Delivery(ConsumerRebalanceListener):
 
     async def _send(self, body: bytes) -> None:
         signal = SIGNAL_ADAPTER.validate_json(body)
-        route = self.policy.oncall.route_for(
+        policy = self.policies.rules.in_force(signal.detected_at)
+        route = policy.oncall.route_for(
             signal.type, getattr(signal, "team", None), getattr(signal, "priority", None)
         )
         if route is not None:
