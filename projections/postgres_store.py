@@ -7,7 +7,8 @@ rolls the open transaction back when its connection drops. Large batches (a rebu
 COPY: timeline rows straight into their table, documents into a per-connection staging table
 and from there into theirs with one `INSERT … ON CONFLICT DO UPDATE`.
 
-Reads run in REPEATABLE READ, READ ONLY transactions: one snapshot per query, as on SQLite.
+Reads run in REPEATABLE READ, READ ONLY transactions (said in their BEGIN): one snapshot per
+query, as on SQLite.
 A live commit reads its version row `FOR SHARE`, so a rebuild's switch and a live batch of
 the old version serialise instead of racing. Text columns use the "C" collation, whatever the
 cluster's locale, so orderings (and checksums) match SQLite's byte order.
@@ -23,6 +24,7 @@ from typing import Any
 from eventsourcing.persistence import Tracking
 from eventsourcing.postgres import PostgresDatastore, PostgresTrackingRecorder
 from psycopg import Cursor as PgCursor
+from psycopg import IsolationLevel
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow, tuple_row
 
@@ -96,14 +98,23 @@ class PostgresProjectionStore(ProjectionStore):
 
     @contextmanager
     def _transaction(self, *, commit: bool) -> Iterator[Cursor]:
-        with (
-            self.datastore.get_connection() as conn,
-            conn.transaction(force_rollback=not commit),
-            conn.cursor(row_factory=tuple_row) as raw,
-        ):
+        with self.datastore.get_connection() as conn:
+            # A read's snapshot mode goes in its BEGIN (one round trip fewer than SET
+            # TRANSACTION after it); the pooled connection is put back as it was, since
+            # eventsourcing's recorders use the same pool.
             if not commit:
-                raw.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            yield _PgSql(raw)
+                conn.isolation_level = IsolationLevel.REPEATABLE_READ
+                conn.read_only = True
+            try:
+                with (
+                    conn.transaction(force_rollback=not commit),
+                    conn.cursor(row_factory=tuple_row) as raw,
+                ):
+                    yield _PgSql(raw)
+            finally:
+                if not commit and not conn.closed:
+                    conn.isolation_level = None
+                    conn.read_only = None
 
     def _track(self, c: Cursor, tracking: Tracking) -> None:
         assert isinstance(c, _PgSql)

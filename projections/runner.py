@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from loopservice.domain.events import Event, PolicyPublished
 from loopservice.domain.policy import Policy
@@ -78,6 +79,34 @@ class Step:
 
     scanned: dict[str, int] = field(default_factory=dict)
     folded: int = 0
+
+
+def _records(
+    source: SQLiteLog[Any], start: int, stop: int, topics: Sequence[str], chunk: int = 5000
+) -> Iterator[list[tuple[int, str, bytes]]]:
+    """(position, topic, state) of the records in [start, stop] of the given types (all if
+    none), a chunk at a time.
+
+    Plain tuples from the recorder's table: `select_notifications` builds an `sqlite3.Row`
+    and a `Notification` per record, which cost more than reading it.
+    """
+    statement = (
+        f"SELECT rowid, topic, state FROM {source.recorder.events_table_name} "
+        "WHERE rowid >= ? AND rowid <= ? "
+        + (f"AND topic IN ({','.join('?' * len(topics))}) " if topics else "")
+        + "ORDER BY rowid LIMIT ?"
+    )
+    position = start
+    while position <= stop:
+        with source.datastore.transaction(commit=False) as cursor:
+            raw = cursor.sqlite_cursor
+            raw.row_factory = None
+            raw.execute(statement, (position, stop, *topics, chunk))
+            rows = raw.fetchall()
+        if not rows:
+            return
+        yield rows
+        position = rows[-1][0] + 1
 
 
 class ProjectionRunner:
@@ -145,21 +174,18 @@ class ProjectionRunner:
             stop = heads[log] if mode == "switch" else min(start + batch - 1, heads[log])
             if stop < start:
                 continue
-            position = start
-            while rows := source.recorder.select_notifications(
-                position, 5000, stop=stop, topics=topics
-            ):
+            for rows in _records(source, start, stop, topics):
                 if log == INTERACTIONS:
-                    for n in rows:
-                        fold.apply_event(view, n.id, decode_interaction(n.topic, n.state[32:]))
+                    for position, topic, state in rows:
+                        fold.apply_event(view, position, decode_interaction(topic, state[32:]))
                 else:
-                    for n in rows:
-                        fold.apply_signal(view, n.id, decode_signal(n.topic, n.state[32:]))
+                    for position, topic, state in rows:
+                        fold.apply_signal(view, position, decode_signal(topic, state[32:]))
                 step.folded += len(rows)
-                position = rows[-1].id + 1
             step.scanned[log] = stop - start + 1
         changed = {log: positions[log] + n for log, n in step.scanned.items()}
         if changed or mode == "switch":
+            recent = set(view.dirty)
             try:
                 self.store.commit(fold.name, live.version, view, changed, mode=mode)
             except BaseException:
@@ -169,8 +195,10 @@ class ProjectionRunner:
             positions.update(changed)
             if len(view.docs) > self.max_cached:
                 # Committed, so the tables hold every cached document: read them back on use.
+                # The batch's own documents are the likeliest to be needed next (open cases,
+                # active accounts): they stay, unless they alone overflow the cache.
                 view.load = self.store.loader(fold.name, live.version)
-                view.forget()
+                view.forget(keep=recent if len(recent) <= self.max_cached // 2 else ())
         return step
 
     def heads(self) -> dict[str, int]:
@@ -231,17 +259,27 @@ class ProjectionRunner:
         live = _Live(self.factories[name](), version, memory_view(), {INTERACTIONS: 0, SIGNALS: 0})
         started = time.perf_counter()
         scanned = 0
-        while True:
-            heads = self.heads()
-            remaining = sum(heads[log] - live.positions[log] for log in heads)
-            last = remaining <= self.rebuild_batch
-            mode = "switch" if last else "build"
-            step = self._step(name, live, heads, mode=mode, batch=self.rebuild_batch)
-            scanned += sum(step.scanned.values())
-            if progress is not None:
-                progress(sum(step.scanned.values()))
-            if last and all(live.positions[log] >= heads[log] for log in heads):
-                break
+        # The cached documents are long-lived, and the collector's passes would walk them
+        # over and over (a quarter of a rebuild's time at 200k events). The fold makes no
+        # reference cycles: reference counting frees what it discards, so the cyclic
+        # collector pauses for the rebuild (every thread's, hence only for its length).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            while True:
+                heads = self.heads()
+                remaining = sum(heads[log] - live.positions[log] for log in heads)
+                last = remaining <= self.rebuild_batch
+                mode = "switch" if last else "build"
+                step = self._step(name, live, heads, mode=mode, batch=self.rebuild_batch)
+                scanned += sum(step.scanned.values())
+                if progress is not None:
+                    progress(sum(step.scanned.values()))
+                if last and all(live.positions[log] >= heads[log] for log in heads):
+                    break
+        finally:
+            if collecting:
+                gc.enable()
         seconds = time.perf_counter() - started
         self._live.pop(name, None)
         if old is not None and old != version:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -75,6 +75,9 @@ class View:
     docs: dict[DocKey, _Cached] = field(default_factory=dict)
     dirty: set[DocKey] = field(default_factory=set)
     rows: list[TimelineRow] = field(default_factory=list)
+    # Keys looked up and not found: the view is its tables' only writer, so they stay absent
+    # until `doc` creates them (a fold often asks `find` and then `doc` for a new key).
+    missing: set[DocKey] = field(default_factory=set)
 
     def doc(
         self, kind: str, tenant: str, key: str, account_id: str, sort: str,
@@ -83,8 +86,9 @@ class View:
         k = (kind, tenant, key)
         cached = self.docs.get(k)
         if cached is None:
-            found = self.load(kind, tenant, key)
+            found = None if k in self.missing else self.load(kind, tenant, key)
             if found is None:
+                self.missing.discard(k)
                 cached = _Cached(account_id, sort, create())
             else:
                 cached = _Cached(*found)
@@ -97,8 +101,9 @@ class View:
         k = (kind, tenant, key)
         cached = self.docs.get(k)
         if cached is None:
-            found = self.load(kind, tenant, key)
+            found = None if k in self.missing else self.load(kind, tenant, key)
             if found is None:
+                self.missing.add(k)
                 return None
             cached = self.docs[k] = _Cached(*found)
         return cached.doc
@@ -113,8 +118,12 @@ class View:
         self.dirty.clear()
         self.rows.clear()
 
-    def forget(self) -> None:
+    def forget(self, keep: Iterable[DocKey] = ()) -> None:
+        """Drops the cached documents but those in `keep` (which must be committed)."""
+        kept = {k: self.docs[k] for k in keep if k in self.docs}
         self.docs.clear()
+        self.docs.update(kept)
+        self.missing.clear()
         self.clear()
 
 
