@@ -13,6 +13,16 @@ The score is the sum of factor points, each factor capped at its weight in the p
   before (a peak, so a slow slide does not drag its own baseline down). Points grow from a
   drop of `usage_decline_from` to full at `usage_decline_full`; no usage at all in the recent
   window after a baseline counts as a full drop.
+- usage_slide: usage sliding steadily rather than stepping down once. The daily values of the
+  last `slide_window_days`, each divided by the account's own weekday profile (its mean on
+  that weekday against its overall mean over the usage it keeps), are fitted twice: as a
+  *step* (one level, then another) and as a *slide* (flat, then a straight decline to today).
+  When the slide fits no worse than the step by more than `slide_step_tolerance` residual
+  variances (a slow slide and a step in its middle fit about equally; a real step fits far
+  better as a step), has lasted `slide_min_days` and has lost `slide_from` of its starting
+  level, points grow to full at a loss of `slide_full`. A one-off drop (a team on holiday, a
+  project paused) is a step and scores only in usage_decline; a customer drifting away is a
+  slide, and that is what precedes most churn.
 - case_volume: cases opened in the last `case_window_days` against the account's own rate
   before that (with a prior of `case_prior_per_window` so a young account has a baseline);
   points grow with the Poisson z-score from `case_z_from` to `case_z_full`.
@@ -39,9 +49,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loopservice.domain.events import (
     AccountChurned,
@@ -89,16 +99,19 @@ class _Section(BaseModel):
 class HealthWeights(_Section):
     """The most points each factor can add to the 0–100 score."""
 
-    usage_decline: Points = 35
-    usage_slide: Points = 20
+    usage_decline: Points = 20
+    usage_slide: Points = 40
     case_volume: Points = 10
     sla_breaches: Points = 10
     open_high_priority: Points = 10
-    nps: Points = 20
+    nps: Points = 15
     csat: Points = 10
     onboarding: Points = 15
-    renewal: Points = 10
+    renewal: Points = 5
     owner_change: Points = 5
+
+
+_RETIRED = frozenset({"slide_step", "slide_stride_weeks", "slide_steps_full"})
 
 
 class HealthRules(_Section):
@@ -116,9 +129,11 @@ class HealthRules(_Section):
     usage_min_baseline_days: Days = 14
     usage_decline_from: Ratio = 0.1
     usage_decline_full: Ratio = 0.4
-    slide_step: Ratio = 0.02
-    slide_stride_weeks: Annotated[int, Field(ge=1, le=4)] = 2
-    slide_steps_full: Annotated[int, Field(ge=2, le=6)] = 2
+    slide_window_days: Annotated[int, Field(ge=14, le=84)] = 63
+    slide_min_days: Days = 14
+    slide_from: Ratio = 0.08
+    slide_full: Ratio = 0.12
+    slide_step_tolerance: Annotated[float, Field(ge=0)] = 3.0
     case_window_days: Days = 30
     case_baseline_days: Days = 120
     case_prior_per_window: Annotated[float, Field(gt=0)] = 1.0
@@ -139,6 +154,15 @@ class HealthRules(_Section):
     limit_near: Ratio = 0.85
     limit_rearm: Ratio = 0.75
     promoter_min: Annotated[int, Field(ge=0, le=10)] = 9
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_retired(cls, data: Any) -> Any:
+        """Policies published before the slide was refitted name its old knobs: ignore them,
+        so that replaying such a log still parses the policy in force."""
+        if isinstance(data, dict) and _RETIRED.intersection(data):
+            return {k: v for k, v in data.items() if k not in _RETIRED}
+        return data
 
     def level_for(self, score: float, current: RiskLevel) -> RiskLevel:
         """The level a score gives from `current`: up at a threshold, down only below it by
@@ -349,10 +373,21 @@ def _ramp(value: float, start: float, full: float) -> float:
 
 
 @dataclass(frozen=True, slots=True)
+class Slide:
+    """The slide fitted to recent usage: flat, then a straight decline from `since` to today."""
+
+    since: date
+    days: int
+    fall: float  # the fitted loss from the level at `since` to today, as a fraction of it
+    versus_step: float  # the best step's squared error minus the slide's, in residual variances
+    causes: tuple[str, ...]  # the records from `since` on
+
+
+@dataclass(frozen=True, slots=True)
 class UsageView:
     recent: float | None  # mean over the last `usage_recent_days`
     baseline: float | None  # the best `usage_window_days` mean before them
-    weekly: tuple[float | None, ...]  # 7-day means every `slide_stride_weeks`, latest first
+    slide: Slide | None  # the best slide over the last `slide_window_days`
     causes: tuple[str, ...]  # the recent records' event ids
 
 
@@ -376,16 +411,75 @@ def usage_view(state: AccountHealth, today: date, rules: HealthRules) -> UsageVi
             mean = sum(window) / len(window)
             best = mean if best is None or mean > best else best
         end -= 7
-    weekly: list[float | None] = []
-    for k in range(
-        0, rules.slide_stride_weeks * rules.slide_steps_full + 1, rules.slide_stride_weeks
-    ):
-        week = [usage[o][0] for o in range(last - 7 * k - 6, last - 7 * k + 1) if o in usage]
-        weekly.append(sum(week) / len(week) if len(week) >= 5 else None)
     recent_mean = sum(v for v, _ in recent) / len(recent) if recent else None
-    found = UsageView(recent_mean, best, tuple(weekly), tuple(e for _, e in recent))
+    slide = _fit_slide(usage, last, rules)
+    found = UsageView(recent_mean, best, slide, tuple(e for _, e in recent))
     state.usage_cache = (today, state.usage_version, found)
     return found
+
+
+_MIN_STEP = 5  # values on each side of a step, and at least on a slide
+
+
+def _fit_slide(usage: dict[int, tuple[float, str]], last: int, rules: HealthRules) -> Slide | None:
+    """Fits a step and a slide (flat, then linear down to `last`) to the weekday-adjusted daily
+    values of the last `slide_window_days`; None when there is too little to fit."""
+    span = rules.usage_recent_days + rules.usage_baseline_days
+    kept = [o for o in range(last - span + 1, last + 1) if o in usage]
+    by_weekday: dict[int, list[float]] = {}
+    for o in kept:
+        by_weekday.setdefault(o % 7, []).append(usage[o][0])
+    if len(by_weekday) < 7 or min(len(v) for v in by_weekday.values()) < 2:
+        return None
+    overall = sum(usage[o][0] for o in kept) / len(kept)
+    if overall <= 0:
+        return None
+    profile = {wd: sum(v) / len(v) / overall for wd, v in by_weekday.items()}
+    first = last - rules.slide_window_days + 1
+    days = [o for o in range(first, last + 1) if o in usage and profile[o % 7] > 0]
+    if len(days) < max(3 * _MIN_STEP, rules.slide_window_days * 2 // 3):
+        return None
+    xs = [float(o - first) for o in days]
+    ys = [usage[o][0] / profile[o % 7] for o in days]
+    n = len(ys)
+    # suffix sums: S[k] = sum over points k.. of 1, x, x², y, y², x·y
+    s1, sx, sxx, sy, syy, sxy = ([0.0] * (n + 1) for _ in range(6))
+    for k in range(n - 1, -1, -1):
+        x, y = xs[k], ys[k]
+        s1[k], sx[k], sxx[k] = s1[k + 1] + 1, sx[k + 1] + x, sxx[k + 1] + x * x
+        sy[k], syy[k], sxy[k] = sy[k + 1] + y, syy[k + 1] + y * y, sxy[k + 1] + x * y
+
+    def flat_sse(i: int, j: int) -> float:  # points i..j-1 around their mean
+        m, t = s1[i] - s1[j], sy[i] - sy[j]
+        return syy[i] - syy[j] - t * t / m
+
+    step = min(flat_sse(0, k) + flat_sse(k, n) for k in range(_MIN_STEP, n - _MIN_STEP + 1))
+    best: tuple[float, int, float, float] | None = None  # sse, hinge point, slope, level
+    total, total_sq = sy[0], syy[0]
+    for k in range(0, n - _MIN_STEP + 1):
+        c, m = xs[k], s1[k]
+        # y = a + b·u with u = max(0, x - c): u is zero before the hinge point
+        su = sx[k] - c * m
+        suu = sxx[k] - 2 * c * sx[k] + c * c * m
+        suy = sxy[k] - c * sy[k]
+        det = n * suu - su * su
+        if det <= 1e-9:
+            continue
+        b = (n * suy - su * total) / det
+        if b >= 0:
+            continue
+        a = (total - b * su) / n
+        sse = total_sq - 2 * a * total - 2 * b * suy + n * a * a + 2 * a * b * su + b * b * suu
+        if best is None or sse < best[0]:
+            best = (sse, k, b, a)
+    if best is None or best[3] <= 0:
+        return None
+    sse, k, b, a = best
+    length = xs[-1] - xs[k]
+    since = date.fromordinal(days[k])
+    causes = tuple(usage[o][1] for o in days[k:])
+    variance = max(sse, 1e-12) / (n - 3)
+    return Slide(since, int(length), -b * length / a, (step - sse) / variance, causes)
 
 
 def _usage(state: AccountHealth, at: datetime, rules: HealthRules, weight: float) -> RiskFactor:
@@ -409,30 +503,24 @@ def _usage(state: AccountHealth, at: datetime, rules: HealthRules, weight: float
 def _slide(
     state: AccountHealth, at: datetime, rules: HealthRules, weight: float
 ) -> RiskFactor | None:
-    """Usage still falling: 7-day means `slide_stride_weeks` apart, each lower than the one
-    before by at least `slide_step` (a slide, not a one-off step down)."""
-    view = usage_view(state, at.date(), rules)
-    weekly = view.weekly
-    streak = 0
-    while streak + 1 < len(weekly):
-        this, before = weekly[streak], weekly[streak + 1]
-        if this is None or before is None or this >= before * (1 - rules.slide_step):
-            break
-        streak += 1
-    if streak < 2:
+    """Usage sliding steadily for `slide_min_days` or more (see the module docstring)."""
+    slide = usage_view(state, at.date(), rules).slide
+    if (
+        slide is None
+        or slide.versus_step < -rules.slide_step_tolerance
+        or slide.days < rules.slide_min_days
+        or slide.fall < rules.slide_from
+    ):
         return None
-    this, first = weekly[0], weekly[streak]
-    assert this is not None and first is not None
-    fall = 1 - this / first
-    if fall < rules.usage_decline_from:
-        return None
-    points = weight * min(1.0, streak / rules.slide_steps_full)
-    weeks = streak * rules.slide_stride_weeks
+    points = weight * _ramp(slide.fall, rules.slide_from, rules.slide_full)
+    per_week = slide.fall / slide.days * 7
     return _factor(
         "usage_slide",
         points,
-        f"{rules.usage_metric} still falling: {fall:.0%} over {weeks} weeks",
-        view.causes,
+        f"{rules.usage_metric} sliding steadily since {slide.since.isoformat()}: "
+        f"{slide.fall:.0%} down over {slide.days} days (about {per_week:.0%} a week), "
+        f"not a one-off drop",
+        slide.causes,
     )
 
 

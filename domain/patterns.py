@@ -22,6 +22,11 @@ was noticed, and names as evidence the events that show it.
   detector owns) and s = max(std, √mean), the spread of a Poisson count, so a steady rate never
   fires. Once per episode: the detector re-arms only when the window count has fallen back to
   mean + `surge_rearm_k`·s.
+- breach_cluster: per tenant and team, SLA breaches (by their due instant) number at least
+  `min_breaches` within the sliding `window_minutes` (both in the policy's `[breach_cluster]`
+  section). Once per episode: the detector re-arms when a breach finds fewer than half of
+  `min_breaches` in its window. Retracted breaches leave the window; a cluster already
+  signalled stays on the log. Identity names the team and the first breach in the window.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from loopservice.domain.events import (
     StatusChanged,
     Team,
 )
-from loopservice.domain.signals import PatternDetected
+from loopservice.domain.signals import PatternDetected, SlaBreached
 
 TENANT_WIDE = "*"  # account_id of a signal about a whole tenant (a surge spans accounts)
 
@@ -445,3 +450,89 @@ def _prune(
         oldest = _bucket(newest, bucket_s) - keep
         for b in [b for b in rate.buckets if b < oldest]:
             del rate.buckets[b]
+
+
+# --- breach cluster ----------------------------------------------------------------------
+
+
+class BreachClusterRules(BaseModel):
+    """The `[breach_cluster]` policy section: how many SLA breaches of one team within how
+    long make a cluster."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_breaches: int = Field(default=5, ge=2)
+    window_minutes: int = Field(default=240, gt=0)
+    evidence_max: int = Field(default=20, ge=1)
+
+
+@dataclass(frozen=True, slots=True)
+class CountedBreach:
+    due_at: datetime
+    signal_id: str
+    case_id: str
+    caused_by: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class TeamBreaches:
+    """One tenant's team: the breaches counted over the current window, oldest first."""
+
+    recent: list[CountedBreach] = field(default_factory=list)
+    armed: bool = True
+
+
+def breach_cluster(
+    team: TeamBreaches, breach: SlaBreached, rules: BreachClusterRules, policy_version: str
+) -> list[PatternDetected]:
+    """Counts one breach (in due-instant order); returns the cluster it completes, if any."""
+    assert breach.team is not None and breach.case_id is not None
+    at = breach.due_at
+    window = timedelta(minutes=rules.window_minutes)
+    if any(b.signal_id == breach.signal_id for b in team.recent):
+        return []  # the same breach handed over again
+    counted = CountedBreach(at, breach.signal_id, breach.case_id, breach.caused_by)
+    insort(team.recent, counted, key=lambda b: (b.due_at, b.signal_id))
+    newest = team.recent[-1].due_at
+    cut = bisect_right(team.recent, newest - window, key=lambda b: b.due_at)
+    if cut:
+        del team.recent[:cut]
+    inside = [b for b in team.recent if at - window < b.due_at <= at]
+    if not team.armed:
+        if len(inside) - 1 < (rules.min_breaches + 1) // 2:
+            team.armed = True
+        else:
+            return []
+    if len(inside) < rules.min_breaches:
+        return []
+    team.armed = False
+    onset = inside[0].due_at
+    shown = inside[: rules.evidence_max]
+    evidence = tuple(b.signal_id for b in shown)
+    causes = tuple(dict.fromkeys(c for b in shown for c in b.caused_by))
+    cases = list(dict.fromkeys(b.case_id for b in inside))
+    name = breach.team.value
+    return [
+        PatternDetected(
+            signal_id=f"pattern/breach_cluster/{breach.tenant_id}/{name}/{onset.isoformat()}",
+            tenant_id=breach.tenant_id,
+            account_id=TENANT_WIDE,
+            case_id=None,
+            detected_at=at,
+            caused_by=causes,
+            policy_version=policy_version,
+            pattern="breach_cluster",
+            key=f"{breach.tenant_id}/{name}",
+            evidence=evidence,
+            detail=(
+                f"{len(inside)} SLA breaches in team {name} within {span(window.total_seconds())}"
+                f" (from {onset.isoformat()}, at least {rules.min_breaches}); cases "
+                + ", ".join(cases[: rules.evidence_max])
+            ),
+        )
+    ]
+
+
+def unbreach(team: TeamBreaches, signal_id: str) -> None:
+    """A retracted breach leaves the window (a cluster it completed stays signalled)."""
+    team.recent = [b for b in team.recent if b.signal_id != signal_id]

@@ -28,6 +28,7 @@ from pydantic import (
 from loopservice.domain.calendar import BusinessCalendar, parse_hours
 from loopservice.domain.events import CaseStatus, HandedOff, Level, Priority, Team, Tier
 from loopservice.domain.health import HealthRules
+from loopservice.domain.patterns import BreachClusterRules
 from loopservice.domain.priority import PriorityDecision, decide_priority
 
 Metric = Literal["first_response", "next_response", "resolution"]
@@ -334,6 +335,7 @@ class Policy(_Model):
     handoffs: HandoffsSection = Field(default_factory=HandoffsSection)
     oncall: OncallSection = Field(default_factory=OncallSection)
     health: HealthRules = Field(default_factory=HealthRules)
+    breach_cluster: BreachClusterRules = Field(default_factory=BreachClusterRules)
     knowledge: KnowledgeSection = Field(default_factory=KnowledgeSection)
     outer_loop: OuterLoopSection = Field(default_factory=OuterLoopSection)
     allowed_lateness_seconds: Annotated[float, Field(ge=0)] = 1.0

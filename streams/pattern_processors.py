@@ -2,8 +2,10 @@
 
 `CasePatternProcessor` and `FollowupProcessor` keep per-account state (partition-local under
 Kafka's `account_id` key); `TopicSurgeProcessor` counts across a tenant's accounts, so under
-Kafka it needs the opened cases re-keyed by tenant. Timers wait in a heap, lazily invalidated
-like the SLA processor's: an entry whose episode has ended is dropped when it comes up.
+Kafka it needs the opened cases re-keyed by tenant. `BreachClusterProcessor` counts SLA
+breaches (signals, handed over by the SLA processor's tap) across a tenant's accounts. Timers
+wait in a heap, lazily invalidated like the SLA processor's: an entry whose episode has ended
+is dropped when it comes up.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from loopservice.domain.events import (
     CaseOpened,
     Event,
     NoteAdded,
+    PolicyPublished,
     SurveyAnswered,
 )
 from loopservice.domain.patterns import PatternRules
-from loopservice.domain.signals import Signal
+from loopservice.domain.policy import Policy
+from loopservice.domain.signals import Signal, SlaBreached, SlaBreachRetracted
+from loopservice.streams.rules import RulesBook
 
 _CASE_TYPES = frozenset(
     {
@@ -156,6 +161,69 @@ class TopicSurgeProcessor:
             return []  # a repeated submission of an opening already counted
         first = self.history_from[event.tenant_id]
         return list(patterns.surge(rate, event, first, self.rules))
+
+
+class BreachClusterProcessor:
+    """breach_cluster per tenant and team, from the SLA processor's breaches.
+
+    Processors see events, not signals: the topology taps the SLA processor and hands its
+    signals to `observe` in the same step (as for the health model). Breaches are counted in
+    the order of their due instants as the watermark passes them (the SLA processor fires a
+    breach once the watermark reaches its due instant, and runs first), so the clusters and
+    their evidence do not depend on the order in which accounts' breaches happened to be
+    derived; one that arrives below the watermark already passed (a late case) is counted at
+    the next record. It never needs a clock tick of its own.
+    """
+
+    name = "breach-cluster"
+
+    def __init__(self, rules: RulesBook[Policy]) -> None:
+        self.rules = rules
+        self.teams: dict[tuple[str, str], patterns.TeamBreaches] = {}
+        self._pending: list[tuple[datetime, str, SlaBreached]] = []
+        self._watermark: datetime | None = None
+
+    def observe(self, signals: list[Signal]) -> None:
+        for signal in signals:
+            if isinstance(signal, SlaBreached):
+                if signal.team is not None and signal.case_id is not None:
+                    heapq.heappush(self._pending, (signal.due_at, signal.signal_id, signal))
+            elif isinstance(signal, SlaBreachRetracted):
+                if any(p[1] == signal.retracts for p in self._pending):
+                    self._pending = [p for p in self._pending if p[1] != signal.retracts]
+                    heapq.heapify(self._pending)
+                if signal.team is not None:
+                    team = self.teams.get((signal.tenant_id, signal.team.value))
+                    if team is not None:
+                        patterns.unbreach(team, signal.retracts)
+
+    def handle(self, event: Event) -> list[Signal]:
+        if isinstance(event, PolicyPublished):
+            self.rules.publish(event)  # idempotent: the book is shared with the other processors
+        if self._watermark is None:
+            return []
+        return self._count(self._watermark)  # breaches the SLA processor derived late
+
+    def advance(self, watermark: datetime) -> list[Signal]:
+        if self._watermark is None or watermark > self._watermark:
+            self._watermark = watermark
+        return self._count(self._watermark)
+
+    def next_due(self) -> datetime | None:
+        return None  # it counts what the SLA processor's own timers fire
+
+    def _count(self, watermark: datetime) -> list[Signal]:
+        out: list[Signal] = []
+        while self._pending and self._pending[0][0] <= watermark:
+            _, _, breach = heapq.heappop(self._pending)
+            assert breach.team is not None
+            key = (breach.tenant_id, breach.team.value)
+            team = self.teams.get(key)
+            if team is None:
+                team = self.teams[key] = patterns.TeamBreaches()
+            policy = self.rules.in_force(breach.due_at)
+            out += patterns.breach_cluster(team, breach, policy.breach_cluster, policy.version)
+        return out
 
 
 class FollowupProcessor:

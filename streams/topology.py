@@ -3,11 +3,14 @@ all run the same topology, so a replay cannot drift from what the engine derives
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from loopservice.domain.policy import Policy
+from loopservice.domain.signals import Signal
 from loopservice.streams.health_processor import HealthProcessor, SignalTap
 from loopservice.streams.pattern_processors import (
+    BreachClusterProcessor,
     CasePatternProcessor,
     FollowupProcessor,
     TopicSurgeProcessor,
@@ -28,7 +31,9 @@ class Topology:
 
     `by_account` processors keep state per account only, so under Kafka they run per account
     in the partition the account's key maps to; `tenant_wide` ones count across a tenant's
-    accounts and need their input re-keyed by tenant there.
+    accounts and need their input re-keyed by tenant there. `breach_clusters` counts the SLA
+    processor's breaches across a tenant's accounts: only the embedded engine runs it so far
+    (the Kafka engine's tenant-wide task reads the interactions topic, not the signals).
     """
 
     cases: CaseStateProcessor
@@ -37,6 +42,7 @@ class Topology:
     patterns: tuple[Processor, ...]
     health: HealthProcessor
     tenant_wide: tuple[Processor, ...] = ()
+    breach_clusters: BreachClusterProcessor | None = None
 
     @property
     def by_account(self) -> list[Processor]:
@@ -44,13 +50,25 @@ class Topology:
 
         The SLA processor is tapped so that the breaches it derives reach the health model
         in the same step (see `streams.health_processor`)."""
-        sla = SignalTap(self.sla, self.health.observe)
+        return self._by_account(self.health.observe)
+
+    def _by_account(self, listener: Callable[[list[Signal]], None]) -> list[Processor]:
+        sla = SignalTap(self.sla, listener)
         return [self.cases, sla, self.handoffs, *self.patterns, self.health]
 
     @property
     def processors(self) -> list[Processor]:
-        """Everything the embedded engine drives: `by_account`, then `tenant_wide`."""
-        return [*self.by_account, *self.tenant_wide]
+        """Everything the embedded engine drives: `by_account`, then `tenant_wide`, then the
+        breach clusters, to which the SLA tap hands its signals too."""
+        clusters = self.breach_clusters
+        if clusters is None:
+            return [*self.by_account, *self.tenant_wide]
+
+        def listener(signals: list[Signal]) -> None:
+            self.health.observe(signals)
+            clusters.observe(signals)
+
+        return [*self._by_account(listener), *self.tenant_wide, clusters]
 
 
 def build_topology(
@@ -67,6 +85,7 @@ def build_topology(
         patterns=(CasePatternProcessor(), FollowupProcessor()),
         health=HealthProcessor(rules),
         tenant_wide=(TopicSurgeProcessor(),),
+        breach_clusters=BreachClusterProcessor(rules),
     )
 
 

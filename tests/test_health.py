@@ -11,7 +11,7 @@ import pytest
 from factories import T0, event
 from loopservice.domain import health
 from loopservice.domain.events import Event, Level, Priority, Tier
-from loopservice.domain.health import AccountHealth, HealthRules
+from loopservice.domain.health import AccountHealth, HealthRules, HealthWeights
 from loopservice.domain.signals import (
     OpportunityDetected,
     RiskCleared,
@@ -109,6 +109,27 @@ def test_usage_that_keeps_falling_adds_a_slide() -> None:
         weekend = day(d).weekday() >= 5
         a.usage(d, 100 * (1 - 0.012 * (d - 55)) * (0.3 if weekend else 1.0))
     assert "usage_slide" in a.factors(day(89.99))
+
+
+def test_a_one_off_drop_is_not_a_slide_but_a_steady_decline_is() -> None:
+    """Both lose about 25 % of their usage; only the one that keeps sliding scores usage_slide,
+    and its explanation names the records from where the slide began."""
+    step, slide = Account(), Account()
+    for acct in (step, slide):
+        acct.steady(56)
+    records = []
+    for d in range(56, 84):
+        weekend = 0.3 if day(d).weekday() >= 5 else 1.0
+        step.usage(d, 100 * 0.75 * weekend)
+        records.append(slide.usage(d, 100 * (1 - 0.25 * (d - 55) / 28) * weekend))
+    at = day(83.99)
+    assert "usage_slide" not in step.factors(at) and "usage_decline" in step.factors(at)
+    found = slide.factors(at)["usage_slide"]
+    assert found.points == RULES.weights.usage_slide
+    assert "sliding steadily" in found.detail and "not a one-off drop" in found.detail
+    assert found.caused_by[-1] == records[-1].event_id
+    assert 20 <= len(found.caused_by) <= len(records) + 1  # from the last flat day on
+    assert slide.score(at) >= RULES.medium_at > step.score(at)
 
 
 def test_a_backfill_of_old_usage_is_history_not_a_moment_to_score() -> None:
@@ -230,6 +251,8 @@ def test_hysteresis_keeps_a_level_until_the_score_falls_clearly_below() -> None:
 
 
 def test_a_score_hovering_at_the_threshold_raises_once() -> None:
+    weights = HealthWeights(nps=20)  # pinned: the test is about the band, not the weights
+    rules = HealthRules(weights=weights)
     a = Account()
     for m in ("kickoff", "sso"):  # 15 points
         a.fold("onboarding.milestone_missed", day(0), milestone=m, due_date="2026-01-05")
@@ -241,11 +264,11 @@ def test_a_score_hovering_at_the_threshold_raises_once() -> None:
         for hours, nps in ((0, 0), (12, 6)):
             at = day(1 + k) + timedelta(hours=hours)
             a.fold("survey.answered", at, kind="nps", score=nps)
-            signals += health.decide(a.state, at, RULES, "v1")
+            signals += health.decide(a.state, at, rules, "v1")
             scores.append(a.state.score)
     assert set(scores) == {45.0, 35.0}  # across the medium threshold, inside the band
     assert [s.type for s in signals] == ["risk.raised"]
-    wider = HealthRules(hysteresis=5)
+    wider = HealthRules(hysteresis=5, weights=weights)
     flapping: list[Signal] = []
     for k in range(3):
         for hours, nps in ((0, 0), (12, 6)):
@@ -262,12 +285,14 @@ def test_a_raise_explains_its_top_factors_with_their_events() -> None:
     m1 = a.fold("onboarding.milestone_missed", day(1), milestone="kickoff", due_date="2026-01-05")
     m2 = a.fold("onboarding.milestone_missed", day(1), milestone="sso", due_date="2026-01-05")
     a.fold("survey.answered", day(1), kind="csat", score=1)
-    [raised] = health.decide(a.state, day(2), RULES, "v1", trigger=nps.event_id)
+    rules = HealthRules(weights=HealthWeights(nps=20, renewal=10))  # enough for medium
+    [raised] = health.decide(a.state, day(2), rules, "v1", trigger=nps.event_id)
     assert isinstance(raised, RiskRaised) and raised.level == "medium"
     assert raised.owner_id == "csm-1" and raised.team.value == "success"
     assert [f.factor for f in raised.factors] == ["nps", "onboarding", "renewal"]
     assert raised.caused_by[:3] == (nps.event_id, m1.event_id, m2.event_id)
-    assert raised.score == pytest.approx(sum(f.points for f in a.factors(day(2)).values()))
+    factors = health.assess(a.state, day(2), rules).factors
+    assert raised.score == pytest.approx(sum(f.points for f in factors))
     assert raised.signal_id == f"risk.raised/acme/acct-1/medium/{day(2).isoformat()}"
 
 
@@ -308,7 +333,10 @@ def run(events: list[Event], processors: list[Any]) -> list[Signal]:
 
 
 def test_a_silent_account_is_rescored_at_midnight_and_its_risk_cleared() -> None:
-    proc = HealthProcessor(RulesBook(default_policy(), lambda d: default_policy()))
+    # NPS at 20 points: a detractor, two missed milestones and two low CSATs reach medium
+    policy = default_policy()
+    policy = policy.model_copy(update={"health": HealthRules(weights=HealthWeights(nps=20))})
+    proc = HealthProcessor(RulesBook(policy, lambda d: policy))
     a = Account()
     events = [
         a.fold("account.updated", T0, owner_id="csm-1"),
