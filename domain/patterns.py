@@ -17,11 +17,17 @@ was noticed, and names as evidence the events that show it.
   customer's, for `stale_waiting_grace_hours` of event time. Once per such episode (identity
   names the instant the episode began).
 - topic_surge: per tenant and topic, the cases opened in the sliding `surge_window_minutes`
-  number at least `surge_min_count` and exceed mean + `surge_k`·s, where mean and std are those
-  of the same window's count over the previous `surge_baseline_days` (bucketed counts this
-  detector owns) and s = max(std, √mean), the spread of a Poisson count, so a steady rate never
-  fires. Once per episode: the detector re-arms only when the window count has fallen back to
-  mean + `surge_rearm_k`·s.
+  (or in the shorter `surge_short_window_minutes` alongside it) number at least
+  `surge_min_count`, exceed mean + `surge_k`·s, and are that many with Poisson probability at
+  most `surge_alpha` at the expected count. Mean and std are those of the same window's count
+  over the previous `surge_baseline_days` (bucketed counts this detector owns) with the
+  busiest day left out (an earlier surge does not raise the bar), s = max(std, √mean); the
+  expected count is the mean (floored at half a case over the baseline) times the tenant's
+  time-of-day factor: how much busier all its topics usually are in that window of the day
+  (same kind of day, weekday or weekend) than on average, never below 1. So a rare topic
+  surges on three cases in an hour, a busy one needs many more, and a busy hour is not a
+  surge. Once per episode: the detector re-arms only when the window count has fallen back to
+  mean + `surge_rearm_k`·std.
 - breach_cluster: per tenant and team, SLA breaches (by their due instant) number at least
   `min_breaches` within the sliding `window_minutes` (both in the policy's `[breach_cluster]`
   section). Once per episode: the detector re-arms when a breach finds fewer than half of
@@ -74,9 +80,12 @@ class PatternRules(BaseModel):
     surge_bucket_minutes: int = Field(default=15, gt=0)
     surge_baseline_days: int = Field(default=14, ge=1)
     surge_season: Literal["none", "day", "week"] = "none"
+    surge_tenant_profile: bool = True  # scale the baseline up at the tenant's busy times of day
+    surge_short_window_minutes: int = Field(default=60, ge=0)  # 0: the long window only
     surge_k: float = Field(default=3.0, ge=0)
+    surge_alpha: float = Field(default=1e-6, gt=0, le=1)
     surge_rearm_k: float = Field(default=1.0, ge=0)
-    surge_min_count: int = Field(default=5, ge=1)
+    surge_min_count: int = Field(default=3, ge=1)
     surge_min_history_hours: float = Field(default=24, ge=0)
     surge_evidence_max: int = Field(default=10, ge=1)
     # inner loop (domain/followups.py)
@@ -344,12 +353,19 @@ class Baseline:
 
 
 def baseline(
-    rate: TopicRate, at: datetime, history_from: datetime, rules: PatternRules
+    rate: TopicRate,
+    at: datetime,
+    history_from: datetime,
+    rules: PatternRules,
+    window_minutes: int | None = None,
 ) -> Baseline:
-    """Mean and std of the window's count over the previous `surge_baseline_days`, sampled
-    every window length (season "none"), or at the same time of day/week (season)."""
+    """Mean and std of a window's count (`surge_window_minutes` unless given) over the previous
+    `surge_baseline_days`, sampled every window length (season "none"), or at the same time of
+    day/week (season). The busiest (UTC) day of those is left out, when there are two or more:
+    one earlier surge on the topic does not raise the bar for the next."""
     bucket_s = rules.surge_bucket_minutes * 60
-    width = max(1, rules.surge_window_minutes // rules.surge_bucket_minutes)
+    minutes = rules.surge_window_minutes if window_minutes is None else window_minutes
+    width = max(1, minutes // rules.surge_bucket_minutes)
     stride = {"none": width, "day": 86_400 // bucket_s, "week": 7 * 86_400 // bucket_s}[
         rules.surge_season
     ]
@@ -357,12 +373,21 @@ def baseline(
     first = _bucket(history_from, bucket_s)
     n = rules.surge_baseline_days * 86_400 // bucket_s // stride
     buckets = rate.buckets
+    per_day = 86_400 // bucket_s
+    since = max(first, now - rules.surge_baseline_days * per_day)
+    days: dict[int, int] = {}
+    for b, c in buckets.items():
+        if since <= b < now:
+            days[b // per_day] = days.get(b // per_day, 0) + c
+    busiest = max(days, key=lambda d: (days[d], d)) if len(days) >= 2 else None
     total = square = 0.0
     samples = 0
     for j in range(1, n + 1):
         end = now - j * stride
         if end - width + 1 < first:
             break
+        if end // per_day == busiest:
+            continue
         count = sum(buckets.get(b, 0) for b in range(end - width + 1, end + 1))
         total += count
         square += count * count
@@ -373,40 +398,159 @@ def baseline(
     return Baseline(mean, math.sqrt(max(0.0, square / samples - mean * mean)), samples)
 
 
-def surge(
-    rate: TopicRate, event: CaseOpened, history_from: datetime, rules: PatternRules
-) -> list[PatternDetected]:
-    """Folds one opened case into its topic's rate; returns the surge it starts, if any."""
-    assert event.case_id is not None
-    at = event.occurred_at
-    window = timedelta(minutes=rules.surge_window_minutes)
+def poisson_tail(count: int, mean: float) -> float:
+    """P(X ≥ count) for X ~ Poisson(mean), summed upwards from `count` (no cancellation, so
+    it stays accurate far out in the tail)."""
+    if count <= 0:
+        return 1.0
+    if mean <= 0:
+        return 0.0
+    term = math.exp(-mean + count * math.log(mean) - math.lgamma(count + 1))
+    total = 0.0
+    i = count
+    while term > total * 1e-16 and i < count + 10_000:
+        total += term
+        i += 1
+        term *= mean / i
+    return min(1.0, total)
+
+
+@dataclass(frozen=True, slots=True)
+class SurgeTest:
+    """One window's verdict: its count against its baseline."""
+
+    minutes: int
+    count: int
+    base: Baseline
+    expected: float  # the Poisson mean tested against: the baseline mean, floored
+    threshold: float  # the count must exceed mean + surge_k·max(std, √mean)
+    p_value: float
+
+    def fires(self, rules: PatternRules) -> bool:
+        return (
+            self.count >= rules.surge_min_count
+            and self.count > self.threshold
+            and self.p_value <= rules.surge_alpha
+        )
+
+
+def time_of_day_factor(
+    tenant: TopicRate, at: datetime, history_from: datetime, rules: PatternRules, minutes: int
+) -> float:
+    """How much busier the tenant (all topics together) usually is in the window of `minutes`
+    ending at this time of day than in an average window: its mean count in that window on the
+    previous `surge_baseline_days` days of the same kind (weekday or weekend, UTC; of any kind
+    while there is none of the same) over its mean count in any window. Never below 1: a quiet
+    hour does not lower the bar."""
     bucket_s = rules.surge_bucket_minutes * 60
-    recent = rate.recent
-    before = _in_window(recent, at, window)
-    insort(recent, (at, event.event_id, event.case_id))
+    width = max(1, minutes // rules.surge_bucket_minutes)
+    per_day = 86_400 // bucket_s
+    now = _bucket(at, bucket_s)
+    first = _bucket(history_from, bucket_s)
+    weekend = at.weekday() >= 5
+    buckets = tenant.buckets
+    same = days = 0
+    for any_kind in (False, True):
+        for j in range(1, rules.surge_baseline_days + 1):
+            end = now - j * per_day
+            if end - width + 1 < first:
+                break
+            if not any_kind and ((at - timedelta(days=j)).weekday() >= 5) != weekend:
+                continue
+            same += sum(buckets.get(b, 0) for b in range(end - width + 1, end + 1))
+            days += 1
+        if days:
+            break
+    start = max(first, now - rules.surge_baseline_days * per_day)
+    spanned = now - start  # whole buckets of history before this one
+    total = sum(c for b, c in buckets.items() if start <= b < now)
+    if days == 0 or spanned < width or total == 0:
+        return 1.0
+    return max(1.0, (same / days) / (total * width / spanned))
+
+
+def surge_test(
+    rate: TopicRate,
+    at: datetime,
+    history_from: datetime,
+    rules: PatternRules,
+    minutes: int,
+    tenant: TopicRate | None = None,
+) -> SurgeTest:
+    """The count of the window of `minutes` ending at `at` against that window's baseline.
+
+    Two tests, both must pass: the count exceeds mean + `surge_k`·s (s = max(std, √mean): an
+    over-dispersed topic needs its own spread), and a count that high has Poisson probability
+    at most `surge_alpha` at the expected count: the baseline mean, floored at half a case over
+    the baseline's windows (no history is not proof of a zero rate), times the tenant's
+    time-of-day factor (`tenant`: its cases on all topics) when `surge_tenant_profile` is on."""
+    count = _in_window(rate.recent, at, timedelta(minutes=minutes))
+    base = baseline(rate, at, history_from, rules, minutes)
+    spread = max(base.std, math.sqrt(base.mean))  # counts vary at least as Poisson counts do
+    expected = max(base.mean, 0.5 / max(1, base.samples))
+    if tenant is not None and rules.surge_tenant_profile:
+        expected *= time_of_day_factor(tenant, at, history_from, rules, minutes)
+    return SurgeTest(
+        minutes=minutes,
+        count=count,
+        base=base,
+        expected=expected,
+        threshold=base.mean + rules.surge_k * spread,
+        p_value=poisson_tail(count, expected),
+    )
+
+
+def tally(rate: TopicRate, at: datetime, rules: PatternRules) -> None:
+    """Counts one opening into a rate's baseline buckets."""
+    bucket_s = rules.surge_bucket_minutes * 60
     b = _bucket(at, bucket_s)
     rate.buckets[b] = rate.buckets.get(b, 0) + 1
     rate.newest = at if rate.newest is None or at > rate.newest else rate.newest
-    _prune(rate, rate.newest, window, bucket_s, rules)
-    base = baseline(rate, at, history_from, rules)
+    _prune(rate, rate.newest, timedelta(minutes=rules.surge_window_minutes), bucket_s, rules)
+
+
+def surge(
+    rate: TopicRate,
+    event: CaseOpened,
+    history_from: datetime,
+    rules: PatternRules,
+    tenant: TopicRate | None = None,
+) -> list[PatternDetected]:
+    """Folds one opened case into its topic's rate (and `tenant`, the tenant's openings on
+    all topics, whose shape of the day scales the topic's baseline); returns the surge it
+    starts, if any."""
+    assert event.case_id is not None
+    at = event.occurred_at
+    window = timedelta(minutes=rules.surge_window_minutes)
+    recent = rate.recent
+    before = _in_window(recent, at, window)
+    insort(recent, (at, event.event_id, event.case_id))
+    tally(rate, at, rules)
+    if tenant is not None:
+        tally(tenant, at, rules)
     if not rate.armed:
+        base = baseline(rate, at, history_from, rules)
         if before <= base.mean + rules.surge_rearm_k * base.std:
             rate.armed = True
         else:
             return []
     if (at - history_from).total_seconds() < rules.surge_min_history_hours * 3600:
         return []
-    count = before + 1
-    spread = max(base.std, math.sqrt(base.mean))  # counts vary at least as Poisson counts do
-    threshold = base.mean + rules.surge_k * spread
-    if count < rules.surge_min_count or count <= threshold:
+    windows = [rules.surge_window_minutes]
+    if 0 < rules.surge_short_window_minutes < rules.surge_window_minutes:
+        windows.append(rules.surge_short_window_minutes)
+    tests = [surge_test(rate, at, history_from, rules, m, tenant) for m in windows]
+    fired = [t for t in tests if t.fires(rules)]
+    if not fired:
         return []
     rate.armed = False
-    inside = [r for r in recent if at - window < r[0] <= at]
+    test = min(fired, key=lambda t: (t.p_value, -t.minutes))
+    inside = [r for r in recent if at - timedelta(minutes=test.minutes) < r[0] <= at]
     onset = inside[0][0]
     sample = inside[: rules.surge_evidence_max - 1] + [r for r in inside[-1:]]
     evidence = tuple(dict.fromkeys(r[1] for r in sample))
     key = f"{event.tenant_id}/{event.topic}"
+    base = test.base
     return [
         signal(
             "topic_surge",
@@ -418,9 +562,10 @@ def surge(
             at=at,
             evidence=evidence,
             detail=(
-                f"{count} cases on {event.topic} in {rules.surge_window_minutes} min "
+                f"{test.count} cases on {event.topic} in {test.minutes} min "
                 f"(baseline mean {base.mean:.2f}, std {base.std:.2f} over {base.samples} windows; "
-                f"above {threshold:.2f}, at least {rules.surge_min_count}); cases "
+                f"above {test.threshold:.2f}, at least {rules.surge_min_count}; "
+                f"Poisson p {test.p_value:.1e} at mean {test.expected:.2f}); cases "
                 + ", ".join(r[2] for r in inside[: rules.surge_evidence_max])
             ),
             rules=rules,

@@ -109,7 +109,9 @@ class CasePatternProcessor:
 
 
 class TopicSurgeProcessor:
-    """topic_surge per tenant and topic, from bucketed counts this processor owns.
+    """topic_surge per tenant and topic, from bucketed counts this processor owns: per topic,
+    and per tenant over all its topics (the shape of the tenant's day scales a topic's
+    baseline).
 
     Openings are counted in event-time order as the watermark passes them, not in arrival
     order: under Kafka they arrive from many partitions interleaved differently on every run,
@@ -122,6 +124,7 @@ class TopicSurgeProcessor:
     def __init__(self, rules: PatternRules | None = None) -> None:
         self.rules = rules or PatternRules()
         self.rates: dict[tuple[str, str], patterns.TopicRate] = {}
+        self.tenant_rates: dict[str, patterns.TopicRate] = {}  # all topics: the day's shape
         self.history_from: dict[str, datetime] = {}
         self._pending: list[tuple[datetime, str, CaseOpened]] = []
         self._pending_ids: set[str] = set()
@@ -159,8 +162,11 @@ class TopicSurgeProcessor:
             rate = self.rates[key] = patterns.TopicRate()
         if any(r[1] == event.event_id for r in rate.recent):
             return []  # a repeated submission of an opening already counted
+        tenant = self.tenant_rates.get(event.tenant_id)
+        if tenant is None:
+            tenant = self.tenant_rates[event.tenant_id] = patterns.TopicRate()
         first = self.history_from[event.tenant_id]
-        return list(patterns.surge(rate, event, first, self.rules))
+        return list(patterns.surge(rate, event, first, self.rules, tenant))
 
 
 class BreachClusterProcessor:

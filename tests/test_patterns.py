@@ -194,25 +194,25 @@ def settled(*events: Event) -> list[Event]:
 
 def test_a_burst_on_one_topic_is_a_surge_signalled_once_per_episode(h: Harness) -> None:
     assert surges(h.feed(*settled(*background(3)))) == []
-    start = 3 * DAY
-    assert surges(h.feed(*settled(*burst(start, 4)))) == []  # below the minimum count
-    out = surges(h.feed(*settled(*burst(start + 100, 1))))
+    start = 3 * DAY + 180  # midway between the background's cases
+    assert surges(h.feed(*settled(*burst(start, 2)))) == []  # below the minimum count
+    out = surges(h.feed(*settled(*burst(start + 30, 1))))
     assert len(out) == 1
     surge = out[0]
     assert surge.key == "acme/outage" and surge.account_id == "*" and surge.case_id is None
-    assert len(surge.evidence) == 5 and surge.evidence[0] == f"ev-{start}"
+    assert len(surge.evidence) == 3 and surge.evidence[0] == f"ev-{start}"
     onset = (T0 + timedelta(minutes=start)).isoformat()
     assert surge.signal_id == f"pattern/topic_surge/acme/outage/{onset}"
     # still surging: no second signal for the same episode
-    assert surges(h.feed(*settled(*burst(start + 200, 6, spacing=3)))) == []
+    assert surges(h.feed(*settled(*burst(start + 60, 6, spacing=3)))) == []
     # quiet for longer than the window, then a new burst is a new episode
     out = surges(h.feed(*settled(*burst(start + DAY, 5))))
     assert len(out) == 1 and out[0].signal_id != surge.signal_id
 
 
 def test_a_busy_topic_needs_more_than_its_usual_rate(h: Harness) -> None:
-    # "login" sees a case every 15 minutes for 4 days: 8 in every 2 h window, so the
-    # threshold is 8 + 3·√8 ≈ 16.5 (a steady rate has std 0; the Poisson spread applies)
+    # "login" sees a case every 15 minutes for 4 days: 4 in every 1 h window, and a count of
+    # 17 has Poisson probability 1.1e-6 at mean 4, above surge_alpha; 18 has 2.5e-7
     usual = [
         opened(i, at=T0 + timedelta(minutes=15 * i), case=f"u{i}", account_id=f"acct-{i}")
         for i in range(4 * 96)
@@ -220,15 +220,76 @@ def test_a_busy_topic_needs_more_than_its_usual_rate(h: Harness) -> None:
     assert surges(h.feed(*settled(*usual))) == []
     spike = [
         opened(10_000 + i, at=T0 + timedelta(days=4, minutes=i), case=f"p{i}", account_id="x")
-        for i in range(10)
+        for i in range(15)
     ]
-    assert surges(h.feed(*settled(*spike[:9]))) == []  # 7 usual + 9 = 16 in the window
-    out = surges(h.feed(*settled(spike[9])))
-    assert len(out) == 1 and "17 cases on login" in out[0].detail
+    assert surges(h.feed(*settled(*spike[:14]))) == []  # 3 usual + 14 = 17 in the hour
+    out = surges(h.feed(*settled(spike[14])))
+    assert len(out) == 1 and "18 cases on login in 60 min" in out[0].detail
 
 
 def test_no_surge_before_the_tenant_has_history(h: Harness) -> None:
     assert surges(h.feed(*settled(*burst(0, 10)))) == []
+
+
+def rare(days: int) -> list[Event]:
+    """The quiet tenant, plus a "webhooks" case every fourth day at 13:00: a rare topic."""
+    return background(days) + [
+        opened(50_000 + d, at=T0 + timedelta(days=d, hours=4), case=f"w{d}", topic="webhooks",
+               account_id=f"acct-{d % 7}")
+        for d in range(0, days, 4)
+    ]  # fmt: skip
+
+
+def test_three_cases_in_half_an_hour_on_a_rare_topic_are_a_surge(h: Harness) -> None:
+    # the shape the fixed minimum of 5 in 2 h used to miss: a small tenant's incident whose
+    # first hour brings only three cases on a topic it sees about once in four days
+    assert surges(h.feed(*settled(*rare(14)))) == []
+    start = 14 * DAY + 120
+    out = surges(h.feed(*settled(*burst(start, 3, spacing=12, topic="webhooks"))))
+    assert len(out) == 1 and out[0].key == "acme/webhooks"
+    assert out[0].detected_at == T0 + timedelta(minutes=start + 24)
+    assert "3 cases on webhooks in 60 min" in out[0].detail
+
+
+def test_an_earlier_surge_does_not_raise_the_bar_for_the_next(h: Harness) -> None:
+    assert surges(h.feed(*settled(*rare(14)))) == []
+    first = surges(h.feed(*settled(*burst(14 * DAY + 120, 30, spacing=4, topic="webhooks"))))
+    assert len(first) == 1
+    # six days later, the 30 cases still inside the 14-day baseline: three are a surge again
+    start = 20 * DAY + 120
+    out = surges(h.feed(*settled(*burst(start, 3, spacing=12, topic="webhooks"))))
+    assert len(out) == 1 and out[0].signal_id != first[0].signal_id
+
+
+def in_time_order(events: list[Event]) -> list[Event]:
+    return sorted(events, key=lambda e: e.occurred_at)
+
+
+def morning_peak(h: Harness, days: int) -> list[PatternDetected]:
+    """Every day at 10:00 the tenant's "billing" queue takes 8 cases in 35 minutes and is
+    otherwise quiet. The first three days settle the history; the surges of the rest."""
+    peaks = [
+        opened(100_000 + d * 100 + i, at=T0 + timedelta(days=d, hours=1, minutes=5 * i),
+               case=f"b{d}-{i}", topic="billing", account_id=f"acct-{i}")
+        for d in range(days)
+        for i in range(8)
+    ]  # fmt: skip
+    events = in_time_order(background(days) + peaks)
+    settle = T0 + timedelta(days=3)
+    h.feed(*settled(*[e for e in events if e.occurred_at < settle]))
+    return surges(h.feed(*settled(*[e for e in events if e.occurred_at >= settle])))
+
+
+def test_a_topic_busy_at_the_same_hour_every_day_is_not_a_surge(h: Harness) -> None:
+    # against the tenant's day (its mornings are busy) the peak is the usual morning,
+    # weekend included
+    assert morning_peak(h, 10) == []
+
+
+def test_without_the_tenant_profile_the_morning_peak_would_fire(tmp_path: Path) -> None:
+    # against a flat baseline (0.38 an hour) seven cases in an hour are a surge every morning
+    out = morning_peak(Harness(tmp_path, PatternRules(surge_tenant_profile=False)), 10)
+    assert len(out) == 7
 
 
 # --- replay ------------------------------------------------------------------------------
