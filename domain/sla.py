@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from loopservice.domain.events import (
     ActorKind,
@@ -93,12 +93,25 @@ class Clock:
     breach_id: str | None = None
     breach_due: datetime | None = None
     scheduled_due: datetime | None = None  # the due_at whose timers are already queued
+    # `next_timer`'s last answer and the warning percents it was asked with: every event on
+    # the case asks again, and computing a warning instant means a calendar walk. Only
+    # `start` and `pause` change what the answer depends on, and both forget it.
+    pending: Timer | None = None
+    pending_for: tuple[int, ...] = ()
 
     def start(self, at: datetime) -> None:
+        """Runs the clock from `at` and sets its deadline (`instant_of(target)`, inlined: this
+        is on the path of every case opening and customer message)."""
         self.running_since = at
-        self._retime()
+        self.pending = None
+        left = self.target - self.consumed
+        due = self.calendar.add(at, left if left > 0.0 else 0.0)
+        if due != self.fired_due:
+            self.fired, self.fired_due = (), due
+        self.due_at = due
 
     def pause(self, at: datetime) -> None:
+        self.pending = None
         if self.running_since is None:
             return
         if at > self.running_since:
@@ -117,18 +130,15 @@ class Clock:
         """When this running clock will have counted `business_seconds` in total."""
         if self.running_since is None:
             return None
-        return self.calendar.add(self.running_since, max(0.0, business_seconds - self.consumed))
-
-    def _retime(self) -> None:
-        due = self.instant_of(self.target)
-        if due != self.fired_due:
-            self.fired, self.fired_due = (), due
-        self.due_at = due
+        left = business_seconds - self.consumed
+        return self.calendar.add(self.running_since, left if left > 0.0 else 0.0)
 
 
-@dataclass(frozen=True, slots=True)
-class Timer:
-    """A moment at which a clock may need to speak; checked against the clock when it fires."""
+class Timer(NamedTuple):
+    """A moment at which a clock may need to speak; checked against the clock when it fires.
+
+    A named tuple rather than a frozen dataclass: one is made for nearly every event, and a
+    tuple is built in one step instead of one `object.__setattr__` per field."""
 
     at: datetime
     case_key: tuple[str, str]
@@ -152,10 +162,12 @@ class CaseClocks:
     next_cycle: int = 0
     resolution_cycle: int = 0
     clocks: dict[Metric, Clock] = field(default_factory=dict)
+    # Made once and shared by every timer of the case (and the processor's dict), rather than a
+    # fresh tuple per timer: a million open clocks each hold one queued timer.
+    key: tuple[str, str] = field(init=False)
 
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.tenant_id, self.case_id)
+    def __post_init__(self) -> None:
+        self.key = (self.tenant_id, self.case_id)
 
 
 def open_case(event: CaseOpened, tier: Tier | None, rules: SlaRules) -> CaseClocks:
@@ -240,16 +252,29 @@ def next_timer(case: CaseClocks, clock: Clock, rules: SlaRules) -> Timer | None:
     due = clock.due_at
     if due is None:
         return None
-    for pct in rules.warning_percents():
-        kind = f"warn{pct}"
+    warnings = rules.warning_percents()
+    pending = clock.pending
+    # The fired kinds only grow while the deadline stands, so an earlier answer not yet fired
+    # is still the earliest unfired timer.
+    if pending is not None and pending.kind not in clock.fired and clock.pending_for == warnings:
+        return pending
+    timer: Timer | None = None
+    for pct in warnings:
+        kind = _WARN_KINDS.get(pct) or f"warn{pct}"
         if kind in clock.fired:
             continue
         at = clock.instant_of(clock.target * pct / 100)
         if at is not None and at < due:
-            return Timer(at, case.key, clock.metric, clock.cycle, kind, due)
-    if "breach" in clock.fired:
-        return None
-    return Timer(due, case.key, clock.metric, clock.cycle, "breach", due)
+            timer = Timer(at, case.key, clock.metric, clock.cycle, kind, due)
+            break
+    else:
+        if "breach" not in clock.fired:
+            timer = Timer(due, case.key, clock.metric, clock.cycle, "breach", due)
+    clock.pending, clock.pending_for = timer, warnings
+    return timer
+
+
+_WARN_KINDS = {pct: f"warn{pct}" for pct in range(1, 100)}
 
 
 def fire_due_before(case: CaseClocks, before: datetime, rules: SlaRules) -> list[SlaSignal]:
@@ -268,7 +293,8 @@ def fire_due_before(case: CaseClocks, before: datetime, rules: SlaRules) -> list
             if signal is None:
                 break
             out.append(signal)
-    out.sort(key=lambda s: (s.detected_at, s.signal_id))
+    if len(out) > 1:
+        out.sort(key=lambda s: (s.detected_at, s.signal_id))
     return out
 
 

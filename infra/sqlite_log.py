@@ -6,6 +6,8 @@ signal id) at `originator_version` 0: the recorder's primary key therefore makes
 identity impossible to store twice, and the table's rowid is the gapless log position.
 The state column holds the append time as a fixed-width 32-byte UTC ISO timestamp followed by
 the record's JSON; the topic column holds its type, so decoding picks the model directly.
+Interactions are encoded and decoded by `infra.event_codec` (orjson, the same bytes as
+pydantic's JSON, without validating again what was validated on the way in).
 """
 
 from __future__ import annotations
@@ -15,18 +17,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic
 
-import orjson
 from eventsourcing.sqlite import (
     SQLiteApplicationRecorder,
     SQLiteConnection,
     SQLiteConnectionPool,
     SQLiteDatastore,
 )
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from loopservice.domain.events import EVENT_ADAPTER, EVENT_MODELS, Event
+from loopservice.domain.events import Event
 from loopservice.domain.signals import Signal, signal_models
-from loopservice.domain.upcasting import upcast
+from loopservice.infra.event_codec import decode_event, encode_event
 from loopservice.streams.clock import Clock, WallClock
 from loopservice.streams.log import Appended, LogRecord, T
 
@@ -58,6 +59,7 @@ class SQLiteLog(Generic[T]):
         topic: Callable[[T], str],
         decode: Callable[[str, bytes], T],
         clock: Clock | None = None,
+        encode: Callable[[T], bytes] | None = None,
     ) -> None:
         self.datastore = datastore
         self.recorder = SQLiteApplicationRecorder(datastore, events_table_name=table)
@@ -66,53 +68,55 @@ class SQLiteLog(Generic[T]):
         self._select = (
             f"SELECT rowid, topic, state FROM {table} WHERE rowid >= ? ORDER BY rowid LIMIT ?"
         )
+        # The recorder's own insert statement, but a repeated identity (the primary key) is
+        # skipped instead of failing the batch: see `append`.
+        self._insert = self.recorder.insert_events_statement.replace(
+            "INSERT INTO", "INSERT OR IGNORE INTO", 1
+        )
         self._identity: Callable[[T], str] = identity
         self._topic: Callable[[T], str] = topic
+        self._encode: Callable[[T], bytes] = encode or _pydantic_json
         self._decode: Callable[[str, bytes], T] = decode
         self.clock: Clock = clock or WallClock()
 
     def append(self, values: Sequence[T]) -> list[Appended]:
+        """Appends in one transaction; a record whose identity is already stored (or repeated in
+        the batch) is not stored again and is reported as a duplicate at its first position.
+
+        Duplicates are rare, so rather than look every identity up first, the batch is inserted
+        with OR IGNORE: when SQLite reports every row stored, the batch holds the positions just
+        below the new maximum (inside the write transaction nobody else inserts, and SQLite
+        gives each new row the largest rowid plus one); only otherwise are the identities looked
+        up.
+        """
         if not values:
             return []
         stamp = self.clock.now().astimezone(UTC).strftime(_STAMP).encode()
-        ids = [self._identity(v) for v in values]
+        identity, topic, encode = self._identity, self._topic, self._encode
+        ids = [identity(v) for v in values]
+        rows = [(i, 0, topic(v), stamp + encode(v)) for i, v in zip(ids, values, strict=True)]
         with self.datastore.transaction(commit=True) as cursor:
-            existing = self._existing_positions(cursor, ids)
-            rows: list[tuple[str, int, str, bytes]] = []
-            fresh_ids: list[str] = []
-            new_ids: set[str] = set()
-            for record_id, value in zip(ids, values, strict=True):
-                if record_id in existing or record_id in new_ids:
-                    continue
-                new_ids.add(record_id)
-                fresh_ids.append(record_id)
-                body = value.model_dump_json().encode()
-                rows.append((record_id, 0, self._topic(value), stamp + body))
-            positions = self._insert(cursor, rows)
-        new_positions = dict(zip(fresh_ids, positions, strict=True))
+            cursor.executemany(self._insert, rows)
+            stored = cursor.sqlite_cursor.rowcount
+            cursor.execute(f"SELECT MAX(rowid) FROM {self._table}")
+            last = int(cursor.fetchone()[0] or 0)
+            if stored == len(rows):
+                return [
+                    Appended(record_id, position, duplicate=False)
+                    for record_id, position in zip(
+                        ids, range(last - stored + 1, last + 1), strict=True
+                    )
+                ]
+            positions = self._existing_positions(cursor, ids)
+        first_new = last - stored + 1
         outcomes: list[Appended] = []
         seen: set[str] = set()
         for record_id in ids:
-            if record_id in new_positions and record_id not in seen:
-                outcomes.append(Appended(record_id, new_positions[record_id], duplicate=False))
-            else:
-                position = existing.get(record_id) or new_positions[record_id]
-                outcomes.append(Appended(record_id, position, duplicate=True))
+            position = positions[record_id]
+            fresh = position >= first_new and record_id not in seen
+            outcomes.append(Appended(record_id, position, duplicate=not fresh))
             seen.add(record_id)
         return outcomes
-
-    def _insert(self, cursor: Any, rows: list[tuple[str, int, str, bytes]]) -> list[int]:
-        """Inserts rows as the recorder's `StoredEvent` tuples in one statement.
-
-        Inside the write transaction nobody else inserts, and SQLite gives each new row the
-        largest rowid plus one, so the batch occupies the positions just below the new maximum.
-        """
-        if not rows:
-            return []
-        cursor.executemany(self.recorder.insert_events_statement, rows)
-        cursor.execute(f"SELECT MAX(rowid) FROM {self._table}")
-        last = int(cursor.fetchone()[0])
-        return list(range(last - len(rows) + 1, last + 1))
 
     def read(self, start: int, limit: int) -> list[LogRecord[T]]:
         # The recorder's select_notifications builds an sqlite3.Row and a Notification per
@@ -124,10 +128,14 @@ class SQLiteLog(Generic[T]):
             rows = raw.fetchall()
         decode = self._decode
         parse_time = datetime.fromisoformat
-        return [
-            LogRecord(position, parse_time(state[:32].decode()), decode(topic, state[32:]))
-            for position, topic, state in rows
-        ]
+        out: list[LogRecord[T]] = []
+        stamp, recorded_at = b"", _EPOCH
+        for position, topic, state in rows:
+            if state[:32] != stamp:  # a batch shares one append time: parse it once
+                stamp = state[:32]
+                recorded_at = parse_time(stamp.decode())
+            out.append(LogRecord(position, recorded_at, decode(topic, state[32:])))
+        return out
 
     def values(self, start: int = 1, topics: Sequence[str] = ()) -> Iterator[T]:
         """Every record's value from `start` on, of the given types only (all if none)."""
@@ -160,6 +168,12 @@ class SQLiteLog(Generic[T]):
 
 
 _STAMP = "%Y-%m-%dT%H:%M:%S.%f+00:00"  # always 32 bytes
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _pydantic_json(value: BaseModel) -> bytes:
+    return value.model_dump_json().encode()
+
 
 _SIGNAL_MODELS: dict[str, type[BaseModel]] = {
     cls.model_fields["type"].default: cls for cls in signal_models()
@@ -167,12 +181,8 @@ _SIGNAL_MODELS: dict[str, type[BaseModel]] = {
 
 
 def decode_interaction(topic: str, body: bytes) -> Event:
-    model = EVENT_MODELS[topic]
-    try:
-        return model.model_validate_json(body)  # type: ignore[return-value]
-    except ValidationError:
-        # Written under an older schema: upcast the raw mapping, then validate.
-        return EVENT_ADAPTER.validate_python(upcast(orjson.loads(body)))
+    """The event of a stored record; one written under an older schema is upcast first."""
+    return decode_event(topic, body)
 
 
 def decode_signal(topic: str, body: bytes) -> Signal:
@@ -187,6 +197,7 @@ def interaction_log(datastore: SQLiteDatastore, clock: Clock | None = None) -> S
         topic=lambda e: e.type,
         decode=decode_interaction,
         clock=clock,
+        encode=encode_event,
     )
 
 

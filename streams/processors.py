@@ -80,6 +80,7 @@ class SlaProcessor:
         self._queue: list[tuple[datetime, int, sla.Timer]] = []
         self._cached: dict[int, CachedRules] = {} if cache is None else cache
         self._seq = count()
+        self._last: tuple[object, CachedRules] | None = None  # `_fast`'s latest answer
 
     def handle(self, event: Event) -> list[Signal]:
         if isinstance(event, PolicyPublished):
@@ -97,7 +98,7 @@ class SlaProcessor:
             if key in self.cases:
                 return []
             case = sla.open_case(event, self.tiers.get((event.tenant_id, event.account_id)), rules)
-            self.cases[key] = case
+            self.cases[case.key] = case  # the case's own key tuple, which its timers share
             self._schedule(case, rules)
             return []
         case_clocks = self.cases.get(key)
@@ -139,9 +140,13 @@ class SlaProcessor:
 
     def _fast(self, at: datetime) -> sla.SlaRules:
         policy = self.rules.in_force(at)
+        last = self._last
+        if last is not None and last[0] is policy:  # nearly always: policies change rarely
+            return last[1]
         cached = self._cached.get(id(policy))
         if cached is None or cached.rules is not policy:
             cached = self._cached[id(policy)] = CachedRules(policy)
+        self._last = (policy, cached)
         return cached
 
     def board(
