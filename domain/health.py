@@ -49,8 +49,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from itertools import accumulate
-from operator import mul
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -235,7 +233,6 @@ class AccountHealth:
     limit_armed: bool = True
     usage_version: int = 0
     usage_cache: tuple[date, int, UsageView] | None = None
-    slide_cache: tuple[date, int, Slide | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,17 +337,12 @@ def _prune_usage(state: AccountHealth, newest: date, rules: HealthRules) -> None
 # --- assess ------------------------------------------------------------------------------
 
 
-def assess(
-    state: AccountHealth, at: datetime, rules: HealthRules, *, unless_below: float | None = None
-) -> Assessment:
-    """The account's score at `at` with every contributing factor, most points first.
-
-    With `unless_below`, the usage slide (by far the dearest factor to compute) is left out when
-    even its full weight could not bring the score to `unless_below`: the caller only needs to
-    know that the score stays below it."""
+def assess(state: AccountHealth, at: datetime, rules: HealthRules) -> Assessment:
+    """The account's score at `at` with every contributing factor, most points first."""
     w = rules.weights
     found = [
         _usage(state, at, rules, w.usage_decline),
+        _slide(state, at, rules, w.usage_slide),
         _case_volume(state, at, rules, w.case_volume),
         _breaches(state, at, rules, w.sla_breaches),
         _open_high(state, rules, w.open_high_priority),
@@ -360,20 +352,12 @@ def assess(
         _renewal(state, at, rules, w.renewal),
         _owner(state, at, rules, w.owner_change),
     ]
-    if (
-        unless_below is None
-        or sum(f.points for f in found if f is not None) + w.usage_slide + _SLACK >= unless_below
-    ):
-        found.append(_slide(state, at, rules, w.usage_slide))
     factors = sorted(
         (f for f in found if f is not None and f.points > 0),
         key=lambda f: (-f.points, f.factor),
     )
     score = round(min(100.0, sum(f.points for f in factors)), 1)
     return Assessment(score, tuple(factors))
-
-
-_SLACK = 0.5  # more than the rounding of the factors' points and of the score can add up to
 
 
 def _factor(name: str, points: float, detail: str, causes: tuple[str, ...]) -> RiskFactor:
@@ -403,6 +387,7 @@ class Slide:
 class UsageView:
     recent: float | None  # mean over the last `usage_recent_days`
     baseline: float | None  # the best `usage_window_days` mean before them
+    slide: Slide | None  # the best slide over the last `slide_window_days`
     causes: tuple[str, ...]  # the recent records' event ids
 
 
@@ -412,38 +397,25 @@ def usage_view(state: AccountHealth, today: date, rules: HealthRules) -> UsageVi
     if cached is not None and cached[0] == today and cached[1] == state.usage_version:
         return cached[2]
     usage = state.usage
-    get = usage.get
     last = today.toordinal()
     recent_first = last - rules.usage_recent_days + 1
-    recent = [r for r in map(get, range(recent_first, last + 1)) if r is not None]
+    recent = [usage[o] for o in range(recent_first, last + 1) if o in usage]
     n = rules.usage_baseline_days
-    values = [
-        r[0] if r is not None else None for r in map(get, range(recent_first - n, recent_first))
-    ]
+    values = [usage[o][0] if o in usage else None for o in range(recent_first - n, recent_first)]
     best: float | None = None
     width = rules.usage_window_days
-    least = rules.usage_min_baseline_days
     end = n  # windows end at the baseline's last day and step back a week at a time
-    while end >= least:
+    while end >= rules.usage_min_baseline_days:
         window = [v for v in values[max(0, end - width) : end] if v is not None]
-        if len(window) >= least:
+        if len(window) >= rules.usage_min_baseline_days:
             mean = sum(window) / len(window)
             best = mean if best is None or mean > best else best
         end -= 7
     recent_mean = sum(v for v, _ in recent) / len(recent) if recent else None
-    found = UsageView(recent_mean, best, tuple(e for _, e in recent))
+    slide = _fit_slide(usage, last, rules)
+    found = UsageView(recent_mean, best, slide, tuple(e for _, e in recent))
     state.usage_cache = (today, state.usage_version, found)
     return found
-
-
-def usage_slide(state: AccountHealth, today: date, rules: HealthRules) -> Slide | None:
-    """The best slide over the `slide_window_days` up to `today` (see `_fit_slide`)."""
-    cached = state.slide_cache
-    if cached is not None and cached[0] == today and cached[1] == state.usage_version:
-        return cached[2]
-    slide = _fit_slide(state.usage, today.toordinal(), rules)
-    state.slide_cache = (today, state.usage_version, slide)
-    return slide
 
 
 _MIN_STEP = 5  # values on each side of a step, and at least on a slide
@@ -451,11 +423,7 @@ _MIN_STEP = 5  # values on each side of a step, and at least on a slide
 
 def _fit_slide(usage: dict[int, tuple[float, str]], last: int, rules: HealthRules) -> Slide | None:
     """Fits a step and a slide (flat, then linear down to `last`) to the weekday-adjusted daily
-    values of the last `slide_window_days`; None when there is too little to fit.
-
-    Runs once per account per usage record, so it is written for speed; every floating-point
-    operation is the one, in the order, of the plain formulation in the comments (a replay
-    must give the same scores to the last bit)."""
+    values of the last `slide_window_days`; None when there is too little to fit."""
     span = rules.usage_recent_days + rules.usage_baseline_days
     kept = [o for o in range(last - span + 1, last + 1) if o in usage]
     by_weekday: dict[int, list[float]] = {}
@@ -463,36 +431,37 @@ def _fit_slide(usage: dict[int, tuple[float, str]], last: int, rules: HealthRule
         by_weekday.setdefault(o % 7, []).append(usage[o][0])
     if len(by_weekday) < 7 or min(len(v) for v in by_weekday.values()) < 2:
         return None
-    overall = sum([usage[o][0] for o in kept]) / len(kept)
+    overall = sum(usage[o][0] for o in kept) / len(kept)
     if overall <= 0:
         return None
     profile = {wd: sum(v) / len(v) / overall for wd, v in by_weekday.items()}
     first = last - rules.slide_window_days + 1
     days = [o for o in range(first, last + 1) if o in usage and profile[o % 7] > 0]
-    n = len(days)
-    if n < max(3 * _MIN_STEP, rules.slide_window_days * 2 // 3):
+    if len(days) < max(3 * _MIN_STEP, rules.slide_window_days * 2 // 3):
         return None
     xs = [float(o - first) for o in days]
     ys = [usage[o][0] / profile[o % 7] for o in days]
-    # suffix sums: S[k] = sum over points k.. of 1, x, x², y, y², x·y, each accumulated from the
-    # last point back (S[n] = 0, S[k] = S[k + 1] + term k)
-    s1 = [float(n - k) for k in range(n + 1)]
-    rx, ry = xs[::-1], ys[::-1]
-    sx = list(accumulate(rx, initial=0.0))[::-1]
-    sxx = list(accumulate([x * x for x in rx], initial=0.0))[::-1]
-    sy = list(accumulate(ry, initial=0.0))[::-1]
-    syy = list(accumulate([y * y for y in ry], initial=0.0))[::-1]
-    sxy = list(accumulate(map(mul, rx, ry), initial=0.0))[::-1]
+    n = len(ys)
+    # suffix sums: S[k] = sum over points k.. of 1, x, x², y, y², x·y
+    s1, sx, sxx, sy, syy, sxy = ([0.0] * (n + 1) for _ in range(6))
+    for k in range(n - 1, -1, -1):
+        x, y = xs[k], ys[k]
+        s1[k], sx[k], sxx[k] = s1[k + 1] + 1, sx[k + 1] + x, sxx[k + 1] + x * x
+        sy[k], syy[k], sxy[k] = sy[k + 1] + y, syy[k + 1] + y * y, sxy[k + 1] + x * y
 
+    def flat_sse(i: int, j: int) -> float:  # points i..j-1 around their mean
+        m, t = s1[i] - s1[j], sy[i] - sy[j]
+        return syy[i] - syy[j] - t * t / m
+
+    step = min(flat_sse(0, k) + flat_sse(k, n) for k in range(_MIN_STEP, n - _MIN_STEP + 1))
     best: tuple[float, int, float, float] | None = None  # sse, hinge point, slope, level
     total, total_sq = sy[0], syy[0]
     for k in range(0, n - _MIN_STEP + 1):
         c, m = xs[k], s1[k]
         # y = a + b·u with u = max(0, x - c): u is zero before the hinge point
-        sxk, syk = sx[k], sy[k]
-        su = sxk - c * m
-        suu = sxx[k] - 2 * c * sxk + c * c * m
-        suy = sxy[k] - c * syk
+        su = sx[k] - c * m
+        suu = sxx[k] - 2 * c * sx[k] + c * c * m
+        suy = sxy[k] - c * sy[k]
         det = n * suu - su * su
         if det <= 1e-9:
             continue
@@ -505,21 +474,10 @@ def _fit_slide(usage: dict[int, tuple[float, str]], last: int, rules: HealthRule
             best = (sse, k, b, a)
     if best is None or best[3] <= 0:
         return None
-    # the best step: flat_sse(0, k) + flat_sse(k, n), where flat_sse(i, j) is the squared error
-    # of points i..j-1 around their mean, syy[i] - syy[j] - t·t / m with t = sy[i] - sy[j] and
-    # m = s1[i] - s1[j]
-    s10, sy0, syy0, s1n, syn, syyn = s1[0], sy[0], syy[0], s1[n], sy[n], syy[n]
-    step = min(
-        [
-            (syy0 - syy[k] - (sy0 - sy[k]) * (sy0 - sy[k]) / (s10 - s1[k]))
-            + (syy[k] - syyn - (sy[k] - syn) * (sy[k] - syn) / (s1[k] - s1n))
-            for k in range(_MIN_STEP, n - _MIN_STEP + 1)
-        ]
-    )
     sse, k, b, a = best
     length = xs[-1] - xs[k]
     since = date.fromordinal(days[k])
-    causes = tuple([usage[o][1] for o in days[k:]])
+    causes = tuple(usage[o][1] for o in days[k:])
     variance = max(sse, 1e-12) / (n - 3)
     return Slide(since, int(length), -b * length / a, (step - sse) / variance, causes)
 
@@ -546,7 +504,7 @@ def _slide(
     state: AccountHealth, at: datetime, rules: HealthRules, weight: float
 ) -> RiskFactor | None:
     """Usage sliding steadily for `slide_min_days` or more (see the module docstring)."""
-    slide = usage_slide(state, at.date(), rules)
+    slide = usage_view(state, at.date(), rules).slide
     if (
         slide is None
         or slide.versus_step < -rules.slide_step_tolerance
@@ -707,12 +665,8 @@ def decide(
     if state.churned:
         return []
     now = at if state.evaluated_at is None else max(at, state.evaluated_at)
+    found = assess(state, now, rules)
     previous = state.level
-    # a low account stays low while its score is below both thresholds: then a slide that could
-    # not lift it there need not be fitted (the state keeps the factors without it; they are
-    # read again only to explain a fall from medium or high, never after a low assessment)
-    ceiling = min(rules.medium_at, rules.high_at) if previous == "low" else None
-    found = assess(state, now, rules, unless_below=ceiling)
     level = rules.level_for(found.score, previous)
     before = state.factors
     state.score, state.factors, state.evaluated_at = found.score, found.factors, now
