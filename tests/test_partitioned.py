@@ -111,3 +111,18 @@ def test_partitioned_fold_gives_the_embedded_engines_signals_across_crashes(
     assert got.keys() == expected.keys()
     assert got == expected
     assert len(got_raw) > len(got)  # the crashes did re-derive signals, deduplicated by id
+
+
+def test_health_explanations_survive_the_crashes_of_a_long_history(tmp_path: Path) -> None:
+    """Months of daily usage, so that the health model's slower factors (the usage slide, its
+    caches) are computed on both paths: a restored account must explain its risk as the
+    account that never crashed does, to the digit."""
+    events = simulated(accounts=40, days=150, seed=3)
+    end = max(e.occurred_at for e in events) + timedelta(days=1)
+    expected = by_identity(embedded_signals([*events, clock_tick(end)], tmp_path))
+    got_raw, crashes = partitioned_signals(
+        [*events, *(clock_tick(end, partition=p) for p in range(PARTITIONS))], crash_every=97
+    )
+    assert crashes >= 20
+    assert any(s.type == "risk.raised" for s in expected.values())
+    assert by_identity(got_raw) == expected
