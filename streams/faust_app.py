@@ -17,13 +17,15 @@ force when it was detected), at least once and deduplicated by identity, in a co
 its own (`streams/kafka_delivery.py`).
 
 `tenant_wide` runs the processors that count across a tenant's accounts (topic surges) in every
-worker, over all partitions, in event-time order (see `_run_tenant_wide`).
+worker, over all partitions, in event-time order (see `_run_tenant_wide`); `breach_clusters`
+counts the SLA breaches of the signals topic per team as far as every fold has got
+(`streams/kafka_clusters.py`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -37,6 +39,7 @@ from loopservice.domain.events import Event, PolicyPublished, clock_tick
 from loopservice.domain.policy import Policy, policy_from_mapping
 from loopservice.domain.signals import Signal
 from loopservice.streams.clock import Clock
+from loopservice.streams.kafka_clusters import FoldMarks, run_breach_clusters
 from loopservice.streams.kafka_delivery import AlertSink, PolicyFeed, run_delivery
 from loopservice.streams.partitioned import Partition
 from loopservice.streams.rules import RulesBook
@@ -207,10 +210,28 @@ def create_app(
             )
 
     policies = PolicyFeed(RulesBook(policy, policy_from_mapping))
+    fold_marks = FoldMarks()
+
+    async def publish(out: list[Signal]) -> None:
+        await _publish(signals_topic, out)
+        on_signals(out)
 
     @app.task
     async def tenant_wide() -> None:
-        await _run_tenant_wide(config, policies, decode, signals_topic, on_signals)
+        await _run_tenant_wide(config, policies, decode, fold_marks, publish)
+
+    @app.task
+    async def breach_clusters() -> None:
+        await run_breach_clusters(
+            config.bootstrap,
+            config.topics.interactions,
+            config.topics.signals,
+            config.app_id,  # the fold's consumer group
+            config.partitions,
+            policies.rules,
+            fold_marks,
+            publish,
+        )
 
     if config.tick_interval is not None:
         app.timer(interval=config.tick_interval)(tick)
@@ -233,8 +254,8 @@ async def _run_tenant_wide(
     config: WorkerConfig,
     policies: PolicyFeed,
     decode: Decode,
-    signals_topic: Any,
-    on_signals: Callable[[list[Signal]], None],
+    fold_marks: FoldMarks,
+    publish: Callable[[list[Signal]], Awaitable[None]],
 ) -> None:
     """The tenant-wide processors (topic surges), over every partition of the log.
 
@@ -278,6 +299,8 @@ async def _run_tenant_wide(
                             at -= config.allowed_lateness
                     if tp.partition not in marks or at > marks[tp.partition]:
                         marks[tp.partition] = at
+                if records:
+                    fold_marks.record(tp.partition, records[-1].offset + 1, marks[tp.partition])
             await policies.advance({tp: rs[-1].offset + 1 for tp, rs in batches.items() if rs})
             candidate = await _lowest_mark(consumer, tps, marks)
             if candidate is not None and (watermark is None or candidate > watermark):
@@ -285,8 +308,7 @@ async def _run_tenant_wide(
                 for processor in processors:
                     out += processor.advance(candidate)
             if out:
-                await _publish(signals_topic, out)
-                on_signals(out)
+                await publish(out)
     finally:
         await consumer.stop()
 

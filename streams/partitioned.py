@@ -26,19 +26,23 @@ the accounts when the partition is assigned; no timer scans every account.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import io
 import logging
+import operator
 import pickle
 from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import count
+from types import ModuleType
 from typing import Any, cast
 
 import orjson
 
+from loopservice.domain import case, followups, health, patterns, priority, sla
 from loopservice.domain.calendar import BusinessCalendar
 from loopservice.domain.events import ClockTick, Event, PolicyPublished
 from loopservice.domain.policy import Policy, policy_from_mapping
@@ -246,7 +250,7 @@ class Partition:
         pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
         # A dispatch table, unlike `persistent_id`, costs nothing for the objects it does not
         # name: the C pickler only looks up their type.
-        pickler.dispatch_table = {kind: reference for kind in _SHARED_TYPES}
+        pickler.dispatch_table = {**_SLOTTED, **{kind: reference for kind in _SHARED_TYPES}}
         pickler.dump(slot)
         return buffer.getvalue()
 
@@ -308,6 +312,42 @@ class RulesMemo(dict[int, CachedRules]):
 
 
 _SHARED_TYPES = (RulesBook, RulesMemo, Policy, BusinessCalendar, CachedRules)
+
+
+def _slotted_reducers(*modules: ModuleType) -> dict[type, Callable[[Any], tuple[Any, ...]]]:
+    """Reducers for the state's slotted dataclasses. Pickle's default for them goes through
+    `dataclasses.fields()` on every object, which was a quarter of the time a record's state
+    took to write; these read the fields with one `attrgetter`."""
+    reducers: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+    for module in modules:
+        for kind in vars(module).values():
+            if (
+                isinstance(kind, type)
+                and kind.__module__ == module.__name__
+                and dataclasses.is_dataclass(kind)
+                and "__slots__" in vars(kind)
+            ):
+                names = tuple(f.name for f in dataclasses.fields(kind))
+                if names:
+                    reducers[kind] = _reducer(kind, names)
+    return reducers
+
+
+def _reducer(kind: type, names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    get = operator.attrgetter(*names)
+    if len(names) == 1:
+        return lambda obj: (_rebuild, (kind, names, (get(obj),)))
+    return lambda obj: (_rebuild, (kind, names, get(obj)))
+
+
+def _rebuild(kind: type, names: tuple[str, ...], values: tuple[Any, ...]) -> Any:
+    obj: Any = object.__new__(kind)
+    for name, value in zip(names, values, strict=True):
+        object.__setattr__(obj, name, value)  # frozen ones too
+    return obj
+
+
+_SLOTTED = _slotted_reducers(case, followups, health, patterns, priority, sla)
 _resolver: ContextVar[Callable[[tuple[str, ...]], Any]] = ContextVar("resolver")
 
 

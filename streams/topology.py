@@ -32,8 +32,8 @@ class Topology:
     `by_account` processors keep state per account only, so under Kafka they run per account
     in the partition the account's key maps to; `tenant_wide` ones count across a tenant's
     accounts and need their input re-keyed by tenant there. `breach_clusters` counts the SLA
-    processor's breaches across a tenant's accounts: only the embedded engine runs it so far
-    (the Kafka engine's tenant-wide task reads the interactions topic, not the signals).
+    processor's breaches across a tenant's accounts: the embedded engine taps them from the SLA
+    processor, the Kafka engine reads them from the signals topic (`streams.kafka_clusters`).
     """
 
     cases: CaseStateProcessor

@@ -166,8 +166,8 @@ def test_four_unanswered_cases_are_no_cluster(tmp_path: Path) -> None:
 
 
 def test_the_partitioned_fold_runs_no_breach_clusters() -> None:
-    """Stated limit: the Kafka engine's per-account topologies do not count clusters (each
-    would see one account), nor does its tenant-wide task (it reads no signals) yet."""
+    """The Kafka engine's per-account topologies do not count clusters (each would see one
+    account): a task of its own reads the breaches off the signals topic."""
     topology = build_topology(book())
     assert topology.breach_clusters is not None
     assert topology.breach_clusters not in topology.by_account

@@ -19,6 +19,7 @@ from pathlib import Path
 import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 from test_partitioned import by_identity, embedded_signals, simulated
 
 from kafka_broker import KafkaBroker, kafka_broker  # noqa: F401
@@ -143,15 +144,21 @@ def signal_positions(
     return found
 
 
-def delivery_offsets(bootstrap: str, group: str) -> dict[int, int]:
-    async def committed() -> dict[int, int]:
+def delivery_offsets(bootstrap: str, group: str) -> dict[str, int]:
+    return committed_offsets(bootstrap, delivery_group(group))
+
+
+def committed_offsets(bootstrap: str, group: str) -> dict[str, int]:
+    """A group's committed offsets, by "topic:partition"."""
+
+    async def committed() -> dict[str, int]:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         await admin.start()
         try:
-            offsets = await admin.list_consumer_group_offsets(delivery_group(group))
+            offsets = await admin.list_consumer_group_offsets(group)
         finally:
             await admin.close()
-        return {tp.partition: meta.offset for tp, meta in offsets.items()}
+        return {f"{tp.topic}:{tp.partition}": meta.offset for tp, meta in offsets.items()}
 
     return asyncio.run(committed())
 
@@ -166,30 +173,56 @@ def routed(signals: dict[str, Signal]) -> set[str]:
 
 
 def run_to_the_end(broker: KafkaBroker, prefix: str, group: str) -> None:
-    """Waits until `group` has consumed the whole interactions topic, then every signal."""
+    """Waits until `group` has consumed the whole interactions topic, then every signal.
+
+    It fails when the consumers stop making progress, not after a fixed time: on a loaded
+    2-core box one worker folds a few hundred records a second, and how long the workload takes
+    is a benchmark's question (`loopservice bench kafka`), not this test's."""
     interactions, signals_topic, _ = topic_names(prefix)
     with interaction_log(broker.bootstrap, topic=interactions) as log:
         ends = log.heads()
-    wait_until(
-        lambda: group_consumed(broker.bootstrap, group, interactions, ends),
-        300,
-        "the workers to consume the interactions",
-    )
+    wait_for_progress(broker.bootstrap, group, interactions, ends, "the interactions")
     with signal_log(broker.bootstrap, topic=signals_topic) as log:
         signal_heads = log.heads()
-    wait_until(
-        lambda: group_consumed(
-            broker.bootstrap, delivery_group(group), signals_topic, signal_heads
-        ),
-        300,
-        "the delivery agent to consume the signals",
+    wait_for_progress(
+        broker.bootstrap, delivery_group(group), signals_topic, signal_heads, "the signals"
     )
+
+
+def wait_for_progress(
+    bootstrap: str,
+    group: str,
+    topic: str,
+    ends: dict[int, int],
+    what: str,
+    *,
+    stalled_after: float = 120.0,
+    give_up_after: float = 1800.0,
+) -> None:
+    """Until `group` has committed `ends` on `topic`; fails once its committed offsets have not
+    moved for `stalled_after` seconds."""
+    started = moved = time.monotonic()
+    last: dict[str, int] = {}
+    while not group_consumed(bootstrap, group, topic, ends):
+        now = time.monotonic()
+        try:
+            committed = committed_offsets(bootstrap, group)
+        except KafkaError:
+            committed = last  # the broker is busy: no news is no progress
+        if committed != last:
+            last, moved = committed, now
+        if now - moved > stalled_after or now - started > give_up_after:
+            raise AssertionError(
+                f"{group} stopped consuming {what} ({now - moved:.0f} s without progress, "
+                f"{now - started:.0f} s in all): committed {last}, ends {ends}"
+            )
+        time.sleep(2.0)
 
 
 @pytest.fixture(scope="module")
 def workload(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Event], dict[str, Signal]]:
     """≥ 50k simulated events plus a final tick per partition, and the embedded engine's
-    signals for them, topic surges included."""
+    signals for them, topic surges and breach clusters included."""
     events = simulated(accounts=210, days=200, seed=5)
     end = max(e.occurred_at for e in events) + timedelta(days=30)
     expected = by_identity(
@@ -211,6 +244,7 @@ def test_one_worker_gives_the_embedded_engines_signals(
     assert len(events) >= 50_000
     assert sum(1 for s in expected.values() if s.type == "sla.breached") >= 300
     assert any(getattr(s, "pattern", None) == "topic_surge" for s in expected.values())
+    assert any(getattr(s, "pattern", None) == "breach_cluster" for s in expected.values())
     produce(kafka_broker.bootstrap, "one.", events)
     worker = start_worker(kafka_broker.bootstrap, "one.", "one", webhook, tmp_path, 1)
     try:
@@ -225,15 +259,6 @@ def test_one_worker_gives_the_embedded_engines_signals(
     assert delivered == routed(expected)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "open (issue 4): the alert delivery after the SIGKILL is fixed (kafka_delivery.py), but "
-        "in about one run in four the surviving worker's Faust consumer does not finish the "
-        "interactions of the partitions it took over within 300 s (seen at ff798e8; no error "
-        "logged). Signals and deliveries were complete in every run that got past that wait."
-    ),
-)
 def test_two_workers_split_the_partitions_and_survive_a_sigkill(
     kafka_broker: KafkaBroker,  # noqa: F811
     workload: tuple[list[Event], dict[str, Signal]],
@@ -249,7 +274,7 @@ def test_two_workers_split_the_partitions_and_survive_a_sigkill(
         # mid-stream: some signals out, far from all
         wait_until(
             lambda: len(webhook.received) >= len(routed(expected)) // 4,
-            240,
+            600,
             "a quarter of the alerts",
         )
         assert len({sid for sid, _ in webhook.received}) < len(routed(expected))

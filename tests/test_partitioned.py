@@ -34,9 +34,9 @@ def embedded_signals(
     log, signals = interaction_log(datastore), signal_log(datastore)
     log.append(events)
     topology = build_topology(RulesBook(default_policy(), policy_from_mapping))
-    # what the Kafka engine runs: per account, plus (with `tenant_wide`) the tenant-wide task;
-    # breach clusters are embedded-only so far (README, "Pattern signals")
-    processors = [*topology.by_account, *(topology.tenant_wide if tenant_wide else ())]
+    # what the Kafka engine's folds run (per account), or with `tenant_wide` all of it: the
+    # tenant-wide task and the breach clusters too
+    processors = topology.processors if tenant_wide else topology.by_account
     engine = EmbeddedEngine(log, signals, processors)
     engine.catch_up()
     return [r.value for r in signals.read(1, 10**9)]
