@@ -5,7 +5,8 @@ an eventsourcing `StoredEvent` whose `originator_id` is the record's identity (e
 signal id) at `originator_version` 0: the recorder's primary key therefore makes a repeated
 identity impossible to store twice, and the table's rowid is the gapless log position.
 The state column holds the append time as a fixed-width 32-byte UTC ISO timestamp followed by
-the record's JSON; the topic column holds its type, so decoding picks the model directly.
+the record's JSON; the topic column holds its type (`values` filters on it; `read` of
+interactions takes the type from the JSON and leaves the column unread, which is faster).
 Interactions are encoded and decoded by `infra.event_codec` (orjson, the same bytes as
 pydantic's JSON, without validating again what was validated on the way in).
 """
@@ -27,7 +28,7 @@ from pydantic import BaseModel
 
 from loopservice.domain.events import Event
 from loopservice.domain.signals import Signal, signal_models
-from loopservice.infra.event_codec import decode_event, encode_event
+from loopservice.infra.event_codec import decode_event, decode_event_json, encode_event
 from loopservice.streams.clock import Clock, WallClock
 from loopservice.streams.log import Appended, LogRecord, T
 
@@ -60,14 +61,16 @@ class SQLiteLog(Generic[T]):
         decode: Callable[[str, bytes], T],
         clock: Clock | None = None,
         encode: Callable[[T], bytes] | None = None,
+        decode_body: Callable[[bytes], T] | None = None,
     ) -> None:
+        """`decode` takes a record's topic and JSON; `decode_body`, when given, the JSON alone
+        (the type read from it), which lets `read` leave the topic column alone."""
         self.datastore = datastore
         self.recorder = SQLiteApplicationRecorder(datastore, events_table_name=table)
         self.recorder.create_table()
         self._table = table
-        self._select = (
-            f"SELECT rowid, topic, state FROM {table} WHERE rowid >= ? ORDER BY rowid LIMIT ?"
-        )
+        columns = "rowid, state" if decode_body else "rowid, topic, state"
+        self._select = f"SELECT {columns} FROM {table} WHERE rowid >= ? ORDER BY rowid LIMIT ?"
         # The recorder's own insert statement, but a repeated identity (the primary key) is
         # skipped instead of failing the batch: see `append`.
         self._insert = self.recorder.insert_events_statement.replace(
@@ -77,6 +80,7 @@ class SQLiteLog(Generic[T]):
         self._topic: Callable[[T], str] = topic
         self._encode: Callable[[T], bytes] = encode or _pydantic_json
         self._decode: Callable[[str, bytes], T] = decode
+        self._decode_body: Callable[[bytes], T] | None = decode_body
         self.clock: Clock = clock or WallClock()
 
     def append(self, values: Sequence[T]) -> list[Appended]:
@@ -126,15 +130,24 @@ class SQLiteLog(Generic[T]):
             raw.row_factory = None
             raw.execute(self._select, (start, limit))
             rows = raw.fetchall()
-        decode = self._decode
-        parse_time = datetime.fromisoformat
+        # A record per row, so the loop is kept lean: tuple.__new__ is what the named tuple's
+        # own (Python) __new__ calls, and a batch shares one append time, parsed once.
+        new, record = tuple.__new__, LogRecord
         out: list[LogRecord[T]] = []
-        stamp, recorded_at = b"", _EPOCH
-        for position, topic, state in rows:
-            if state[:32] != stamp:  # a batch shares one append time: parse it once
-                stamp = state[:32]
-                recorded_at = parse_time(stamp.decode())
-            out.append(LogRecord(position, recorded_at, decode(topic, state[32:])))
+        append = out.append
+        stamp, recorded_at = _NO_STAMP, _EPOCH
+        if self._decode_body is not None:
+            decode_body = self._decode_body
+            for position, state in rows:
+                if not state.startswith(stamp):
+                    stamp, recorded_at = _stamp(state)
+                append(new(record, (position, recorded_at, decode_body(state[32:]))))
+        else:
+            decode = self._decode
+            for position, topic, state in rows:
+                if not state.startswith(stamp):
+                    stamp, recorded_at = _stamp(state)
+                append(new(record, (position, recorded_at, decode(topic, state[32:]))))
         return out
 
     def values(self, start: int = 1, topics: Sequence[str] = ()) -> Iterator[T]:
@@ -169,6 +182,12 @@ class SQLiteLog(Generic[T]):
 
 _STAMP = "%Y-%m-%dT%H:%M:%S.%f+00:00"  # always 32 bytes
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NO_STAMP = b"no stamp"  # the prefix of no state: a stamp starts with the year
+
+
+def _stamp(state: bytes) -> tuple[bytes, datetime]:
+    stamp = state[:32]
+    return stamp, datetime.fromisoformat(stamp.decode())
 
 
 def _pydantic_json(value: BaseModel) -> bytes:
@@ -198,6 +217,7 @@ def interaction_log(datastore: SQLiteDatastore, clock: Clock | None = None) -> S
         decode=decode_interaction,
         clock=clock,
         encode=encode_event,
+        decode_body=decode_event_json,
     )
 
 

@@ -182,11 +182,19 @@ def run_to_the_end(broker: KafkaBroker, prefix: str, group: str) -> None:
     with interaction_log(broker.bootstrap, topic=interactions) as log:
         ends = log.heads()
     wait_for_progress(broker.bootstrap, group, interactions, ends, "the interactions")
-    with signal_log(broker.bootstrap, topic=signals_topic) as log:
-        signal_heads = log.heads()
-    wait_for_progress(
-        broker.bootstrap, delivery_group(group), signals_topic, signal_heads, "the signals"
-    )
+    # The breach clusters follow the folds' commits by a second or so, after the last
+    # interaction: done once the signals topic has stopped growing and all of it is delivered.
+    signal_heads: dict[int, int] = {}
+    while True:
+        with signal_log(broker.bootstrap, topic=signals_topic) as log:
+            heads = log.heads()
+        if heads == signal_heads:
+            return
+        signal_heads = heads
+        wait_for_progress(
+            broker.bootstrap, delivery_group(group), signals_topic, signal_heads, "the signals"
+        )
+        time.sleep(5.0)
 
 
 def wait_for_progress(

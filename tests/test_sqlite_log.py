@@ -3,10 +3,19 @@ import signal
 import subprocess
 import sys
 import textwrap
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from factories import message, opened
-from loopservice.infra.sqlite_log import interaction_log, open_datastore
+from loopservice.infra.event_codec import validate_event
+from loopservice.infra.sqlite_log import (
+    SQLiteLog,
+    decode_interaction,
+    interaction_log,
+    open_datastore,
+)
+from loopservice.streams.clock import FixedClock
+from loopservice.streams.log import LogRecord
 
 
 def test_append_read_positions_are_gapless(tmp_path: Path) -> None:
@@ -21,6 +30,34 @@ def test_append_read_positions_are_gapless(tmp_path: Path) -> None:
     assert records[0].value == message(2)
     assert records[0].recorded_at.tzinfo is not None
     assert log.head() == 4
+
+
+def test_records_carry_their_append_time_and_the_events_pydantic_gives(tmp_path: Path) -> None:
+    clock = FixedClock(datetime(2026, 3, 2, 9, 0, 0, 250_000, tzinfo=UTC))
+    log = interaction_log(open_datastore(tmp_path / "log.db"), clock=clock)
+    first = [opened(1), message(2)]
+    log.append(first)
+    clock.advance(timedelta(seconds=90))
+    log.append([message(3)])
+    # The same table read through the topic column, as a log without `decode_body` reads.
+    by_topic = SQLiteLog(
+        log.datastore,
+        "stored_interactions",
+        identity=lambda e: e.event_id,
+        topic=lambda e: e.type,
+        decode=decode_interaction,
+    )
+    for records in (log.read(1, 10), by_topic.read(1, 10)):
+        assert [r.recorded_at for r in records] == [
+            datetime(2026, 3, 2, 9, 0, 0, 250_000, tzinfo=UTC),
+            datetime(2026, 3, 2, 9, 0, 0, 250_000, tzinfo=UTC),
+            datetime(2026, 3, 2, 9, 1, 30, 250_000, tzinfo=UTC),
+        ]
+        assert all(type(r) is LogRecord for r in records)
+        assert [r.position for r in records] == [1, 2, 3]
+        assert [r.value for r in records] == [*first, message(3)]
+        for r in records:
+            assert r.value == validate_event(r.value.type, r.value.model_dump_json().encode())
 
 
 def test_duplicates_are_accepted_once_across_restarts(tmp_path: Path) -> None:
