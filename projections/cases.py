@@ -14,23 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from loopservice.domain.events import (
-    AgentReplied,
-    CaseAssigned,
-    CaseClosed,
-    CaseMerged,
-    CaseOpened,
-    CaseReopened,
-    CaseResolved,
-    CustomerMessage,
-    Event,
-    HandedOff,
-    PolicyPublished,
-    PriorityChanged,
-    StatusChanged,
-    SurveyAnswered,
-    Tier,
-)
+from loopservice.domain.events import Level, PolicyPublished, Tier
 from loopservice.domain.policy import Policy
 from loopservice.domain.signals import (
     HandoffRuleViolated,
@@ -42,12 +26,13 @@ from loopservice.domain.signals import (
 from loopservice.projections.context import (
     INTERACTIONS,
     SIGNALS,
-    event_entry,
     event_summary,
     new_rules,
+    publish_policy,
     short,
     signal_entry,
 )
+from loopservice.projections.records import Record, event_json, event_time, utc
 from loopservice.projections.store import Doc, View
 
 CASE_TOPICS: tuple[str, ...] = (
@@ -93,6 +78,7 @@ class CasesFold:
 
     name = "cases"
     interaction_topics = CASE_TOPICS
+    decode = staticmethod(event_json)
 
     def __init__(self, default_policy: Policy) -> None:
         self.rules = new_rules(default_policy)
@@ -100,111 +86,113 @@ class CasesFold:
     def remember_policy(self, event: PolicyPublished) -> None:
         self.rules.publish(event)
 
-    def apply_event(self, view: View, position: int, event: Event) -> None:
-        # Types are told apart by their `type` tag: an isinstance miss on a model class costs
-        # more than the rest of folding a message.
-        if event.type == "policy.published":
-            self.rules.publish(event)
+    def apply_event(self, view: View, position: int, event: Record) -> None:
+        kind = event["type"]
+        if kind == "policy.published":
+            publish_policy(self.rules, event)
             return
-        if event.type == "account.updated":
-            if event.tier is not None:
-                self._account(view, event.tenant_id, event.account_id)["tier"] = event.tier.value
+        if kind == "account.updated":
+            if event["tier"] is not None:
+                self._account(view, event["tenant_id"], event["account_id"])["tier"] = event["tier"]
             return
-        if event.case_id is None:
+        case_id = event["case_id"]
+        if case_id is None:
             return
         summary = event_summary(event)
         if summary is None:
             return
-        tenant, case_id = event.tenant_id, event.case_id
-        at = event.occurred_at.isoformat()
-        if event.type == "case.opened":
+        tenant = event["tenant_id"]
+        at = event_time(event["occurred_at"])
+        if kind == "case.opened":
             existing = view.find("case", tenant, case_id)
             if existing is not None and existing["opened_at"] is not None:
                 return  # a second "opened" is ignored, as in the case state machine
-            doc = view.doc("case", tenant, case_id, event.account_id, at,
-                           lambda: _new_case(tenant, event.account_id, case_id))  # fmt: skip
+            account_id = event["account_id"]
+            doc = view.doc("case", tenant, case_id, account_id, at,
+                           lambda: _new_case(tenant, account_id, case_id))  # fmt: skip
             view.resort("case", tenant, case_id, at)
             self._open(view, doc, event, at)
         else:
             found = view.find("case", tenant, case_id)
             if found is None or found["opened_at"] is None:
                 return  # events of a case never opened stay out of the view
-            doc = view.doc("case", tenant, case_id, event.account_id, at, dict)
-            self._evolve(doc, event, at)
+            doc = view.doc("case", tenant, case_id, event["account_id"], at, dict)
+            self._evolve(doc, event, kind, at)
         if doc["last_event_at"] is None or at > doc["last_event_at"]:
             doc["last_event_at"] = at
-        view.add(tenant, case_id, at, INTERACTIONS, position, event_entry(event, at, summary))
+        view.add(
+            tenant, case_id, at, INTERACTIONS, position,
+            {"actor": event["actor"]["kind"], "at": at, "case_id": case_id,
+             "channel": event["source"]["channel"], "summary": summary, "type": kind},
+        )  # fmt: skip
 
     def _account(self, view: View, tenant: str, account_id: str) -> Doc:
         return view.doc("account", tenant, account_id, account_id, account_id,
                         lambda: {"tier": None, "topics": {}})  # fmt: skip
 
-    def _open(self, view: View, doc: Doc, event: CaseOpened, at: str) -> None:
-        account = self._account(view, event.tenant_id, event.account_id)
+    def _open(self, view: View, doc: Doc, event: Record, at: str) -> None:
+        account = self._account(view, event["tenant_id"], event["account_id"])
         tier = Tier(account["tier"]) if account["tier"] else None
-        decision = self.rules.in_force(event.occurred_at).decide_priority(
-            event.impact, event.urgency, tier
+        decision = self.rules.in_force(utc(event["occurred_at"])).decide_priority(
+            Level(event["impact"]), Level(event["urgency"]), tier
         )
-        earlier: list[str] = account["topics"].setdefault(event.topic, [])
+        earlier: list[str] = account["topics"].setdefault(event["topic"], [])
         doc.update(
-            subject=short(event.subject, 120),
-            topic=event.topic,
-            impact=event.impact.value,
-            urgency=event.urgency.value,
-            channel=event.source.channel.value,
+            subject=short(event["subject"], 120),
+            topic=event["topic"],
+            impact=event["impact"],
+            urgency=event["urgency"],
+            channel=event["source"]["channel"],
             opened_at=at,
             lifecycle="open",
             status="open",
             priority=decision.priority.value,
-            team=event.team.value,
+            team=event["team"],
             earlier_cases=list(reversed(earlier[-EARLIER_LINKS:])),
         )
         doc["priority_history"].append(
             {"priority": decision.priority.value, "at": at, "reason": decision.rule,
-             "policy_version": decision.policy_version, "by": event.actor.kind.value}
+             "policy_version": decision.policy_version, "by": event["actor"]["kind"]}
         )  # fmt: skip
-        assert event.case_id is not None
-        earlier.append(event.case_id)
+        earlier.append(event["case_id"])
 
-    def _evolve(self, doc: Doc, event: Event, at: str) -> None:
+    def _evolve(self, doc: Doc, event: Record, kind: str, at: str) -> None:
         counts = doc["counts"]
-        match event:
-            case CustomerMessage():
-                counts["customer_messages"] += 1
-            case AgentReplied():
-                counts["agent_replies"] += 1
-            case CaseAssigned():
-                doc["assignee_id"], doc["team"] = event.assignee_id, event.team.value
-            case HandedOff():
-                doc["team"] = event.to_team.value
-                doc["handoffs"].append(
-                    {"at": at, "from_team": event.from_team.value,
-                     "to_team": event.to_team.value, "reason": short(event.reason)}
-                )  # fmt: skip
-            case StatusChanged():
-                doc["status"] = event.status.value
-            case PriorityChanged():
-                doc["priority"] = event.priority.value
-                doc["priority_history"].append(
-                    {"priority": event.priority.value, "at": at, "reason": short(event.reason, 200),
-                     "policy_version": None, "by": event.actor.kind.value}
-                )  # fmt: skip
-            case CaseResolved():
-                doc["lifecycle"], doc["resolved_at"] = "resolved", at
-                doc["resolution_code"] = event.resolution_code
-            case CaseReopened():
-                doc["lifecycle"], doc["status"] = "open", "open"
-                counts["reopens"] += 1
-            case CaseClosed():
-                doc["lifecycle"] = "closed"
-            case CaseMerged():
-                doc["lifecycle"] = "merged"
-                doc["merged_into"] = event.into_case_id
-            case SurveyAnswered():
-                doc["surveys"].append({"kind": event.kind.value, "score": event.score, "at": at})
-            case _:
-                if event.type == "case.note_added":
-                    counts["notes"] += 1
+        if kind == "case.customer_message":
+            counts["customer_messages"] += 1
+        elif kind == "case.agent_replied":
+            counts["agent_replies"] += 1
+        elif kind == "case.note_added":
+            counts["notes"] += 1
+        elif kind == "case.assigned":
+            doc["assignee_id"], doc["team"] = event["assignee_id"], event["team"]
+        elif kind == "case.handed_off":
+            doc["team"] = event["to_team"]
+            doc["handoffs"].append(
+                {"at": at, "from_team": event["from_team"], "to_team": event["to_team"],
+                 "reason": short(event["reason"])}
+            )  # fmt: skip
+        elif kind == "case.status_changed":
+            doc["status"] = event["status"]
+        elif kind == "case.priority_changed":
+            doc["priority"] = event["priority"]
+            doc["priority_history"].append(
+                {"priority": event["priority"], "at": at, "reason": short(event["reason"], 200),
+                 "policy_version": None, "by": event["actor"]["kind"]}
+            )  # fmt: skip
+        elif kind == "case.resolved":
+            doc["lifecycle"], doc["resolved_at"] = "resolved", at
+            doc["resolution_code"] = event["resolution_code"]
+        elif kind == "case.reopened":
+            doc["lifecycle"], doc["status"] = "open", "open"
+            counts["reopens"] += 1
+        elif kind == "case.closed":
+            doc["lifecycle"] = "closed"
+        elif kind == "case.merged":
+            doc["lifecycle"] = "merged"
+            doc["merged_into"] = event["into_case_id"]
+        elif kind == "survey.answered":
+            doc["surveys"].append({"kind": event["kind"], "score": event["score"], "at": at})
 
     def apply_signal(self, view: View, position: int, signal: Signal) -> None:
         if signal.case_id is None:

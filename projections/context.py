@@ -11,39 +11,16 @@ resolution summaries never enter the view.
 Every field of a document is owned by one log: `signals` by the signal log, the rest by the
 interactions log. Interleaving the two logs differently (live vs rebuild, other batch sizes)
 therefore yields the same documents, and timeline rows are keyed by (time, log, position).
-The fold is deterministic: times come from the events, never from a clock.
+The fold is deterministic: times come from the events, never from a clock. It reads events as
+their stored JSON objects (`projections.records`), signals as models.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from datetime import date
-from enum import Enum
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from loopservice.domain.events import (
-    AccountChurned,
-    AccountRenewed,
-    AccountUpdated,
-    AgentReplied,
-    CaseAssigned,
-    CaseClosed,
-    CaseMerged,
-    CaseOpened,
-    CaseReopened,
-    CaseResolved,
-    CustomerMessage,
-    Event,
-    HandedOff,
-    MilestoneMissed,
-    MilestoneReached,
-    NoteAdded,
-    PolicyPublished,
-    PriorityChanged,
-    StatusChanged,
-    SurveyAnswered,
-    Tier,
-)
+from loopservice.domain.events import Level, PolicyPublished, Tier
 from loopservice.domain.policy import Policy, policy_from_mapping
 from loopservice.domain.signals import (
     HandoffRuleViolated,
@@ -56,6 +33,7 @@ from loopservice.domain.signals import (
     SlaSignal,
     SlaWarning,
 )
+from loopservice.projections.records import Record, event_json, event_time, utc
 from loopservice.projections.store import Doc, View
 from loopservice.streams.rules import RulesBook
 
@@ -91,59 +69,62 @@ def short(text: str, limit: int = SUMMARY_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def event_summary(event: Event) -> str | None:
+def _why(prefix: str, reason: str | None) -> str:
+    return f"{prefix}: {short(reason)}" if reason else prefix
+
+
+# A timeline line per event type (events are JSON records, see `projections.records`): a
+# fixed text, or a function of the record.
+_FIXED_SUMMARIES: dict[str, str] = {
+    "case.customer_message": "customer message",
+    "case.agent_replied": "agent reply",
+    "case.note_added": "internal note",
+    "case.closed": "closed",
+    "account.renewed": "renewed",
+}
+_SUMMARIES: dict[str, Callable[[Record], str]] = {
+    "case.opened": lambda e: f"opened: {e['topic']} ({e['impact']}/{e['urgency']})",
+    "case.assigned": lambda e: f"assigned to {e['assignee_id']} ({e['team']})",
+    "case.handed_off": lambda e: _why(f"handoff {e['from_team']} → {e['to_team']}", e["reason"]),
+    "case.status_changed": lambda e: f"status → {e['status']}",
+    "case.priority_changed": lambda e: f"priority → {e['priority']}: {short(e['reason'])}",
+    "case.resolved": lambda e: f"resolved: {e['resolution_code']}",
+    "case.reopened": lambda e: _why("reopened", e["reason"]),
+    "case.merged": lambda e: f"merged into {e['into_case_id']}",
+    "survey.answered": lambda e: f"{e['kind'].upper()} {e['score']}",
+    "account.updated": lambda e: (
+        "account updated: " + ", ".join(f for f in PROFILE_FIELDS if e.get(f) is not None)
+    ),
+    "account.churned": lambda e: _why("churned", e["reason"]),
+    "onboarding.milestone_reached": lambda e: f"milestone reached: {e['milestone']}",
+    "onboarding.milestone_missed": lambda e: f"milestone missed: {e['milestone']}",
+}
+
+
+def event_summary(event: Record) -> str | None:
     """A short line for a timeline entry; None for types that have no place on a timeline."""
-    match event:
-        case CaseOpened():
-            return f"opened: {event.topic} ({event.impact.value}/{event.urgency.value})"
-        case CustomerMessage():
-            return "customer message"
-        case AgentReplied():
-            return "agent reply"
-        case NoteAdded():
-            return "internal note"
-        case CaseAssigned():
-            return f"assigned to {event.assignee_id} ({event.team.value})"
-        case HandedOff():
-            why = f": {short(event.reason)}" if event.reason else ""
-            return f"handoff {event.from_team.value} → {event.to_team.value}{why}"
-        case StatusChanged():
-            return f"status → {event.status.value}"
-        case PriorityChanged():
-            return f"priority → {event.priority.value}: {short(event.reason)}"
-        case CaseResolved():
-            return f"resolved: {event.resolution_code}"
-        case CaseReopened():
-            return f"reopened: {short(event.reason)}" if event.reason else "reopened"
-        case CaseClosed():
-            return "closed"
-        case CaseMerged():
-            return f"merged into {event.into_case_id}"
-        case SurveyAnswered():
-            return f"{event.kind.value.upper()} {event.score}"
-        case AccountUpdated():
-            changed = [f for f in PROFILE_FIELDS if getattr(event, f) is not None]
-            return "account updated: " + ", ".join(changed)
-        case AccountRenewed():
-            return "renewed"
-        case AccountChurned():
-            return f"churned: {short(event.reason)}" if event.reason else "churned"
-        case MilestoneReached():
-            return f"milestone reached: {event.milestone}"
-        case MilestoneMissed():
-            return f"milestone missed: {event.milestone}"
-    return None
+    kind = event["type"]
+    fixed = _FIXED_SUMMARIES.get(kind)
+    if fixed is not None:
+        return fixed
+    summarise = _SUMMARIES.get(kind)
+    return None if summarise is None else summarise(event)
 
 
-def event_entry(event: Event, at: str, summary: str) -> Doc:
+def event_entry(event: Record, at: str, summary: str) -> Doc:
     return {
-        "type": event.type,
+        "type": event["type"],
         "at": at,
-        "channel": event.source.channel.value,
-        "actor": event.actor.kind.value,
-        "case_id": event.case_id,
+        "channel": event["source"]["channel"],
+        "actor": event["actor"]["kind"],
+        "case_id": event["case_id"],
         "summary": summary,
     }
+
+
+def publish_policy(rules: RulesBook[Policy], event: Record) -> None:
+    """Adds a `policy.published` record to the book."""
+    rules.publish(PolicyPublished.model_validate(event))
 
 
 def signal_summary(signal: Signal) -> str:
@@ -177,14 +158,6 @@ def signal_entry(signal: Signal) -> Doc:
     }
 
 
-def _plain(value: object) -> object:
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, date):
-        return value.isoformat()
-    return value
-
-
 def new_rules(default: Policy) -> RulesBook[Policy]:
     return RulesBook(default, policy_from_mapping)
 
@@ -210,6 +183,7 @@ class ContextFold:
 
     name = "context"
     interaction_topics = CONTEXT_TOPICS
+    decode = staticmethod(event_json)
 
     def __init__(self, default_policy: Policy) -> None:
         self.rules = new_rules(default_policy)
@@ -223,126 +197,132 @@ class ContextFold:
             lambda: _new_account(tenant, account_id),
         )  # fmt: skip
 
-    def apply_event(self, view: View, position: int, event: Event) -> None:
-        if isinstance(event, PolicyPublished):
-            self.rules.publish(event)
-            return
-        summary = event_summary(event)
+    def apply_event(self, view: View, position: int, event: Record) -> None:
+        kind = event["type"]
+        summary = _FIXED_SUMMARIES.get(kind)
         if summary is None:
-            return
-        doc = self.account(view, event.tenant_id, event.account_id)
-        at = event.occurred_at.isoformat()
-        doc["first_seen_at"] = doc["first_seen_at"] or at
-        if doc["last_interaction_at"] is None or at > doc["last_interaction_at"]:
+            if kind == "policy.published":
+                publish_policy(self.rules, event)
+                return
+            summary = event_summary(event)
+            if summary is None:
+                return
+        tenant, account_id = event["tenant_id"], event["account_id"]
+        doc = self.account(view, tenant, account_id)
+        at = event_time(event["occurred_at"])
+        if doc["first_seen_at"] is None:
+            doc["first_seen_at"] = at
+        last = doc["last_interaction_at"]
+        if last is None or at > last:
             doc["last_interaction_at"] = at
-        self._evolve(doc, event, at)
+        case_id = event["case_id"]
+        if kind in TIMELINE_ONLY:
+            # Most of a log: nothing but the case's last event time changes.
+            case = doc["open_cases"].get(case_id) if case_id is not None else None
+            if case is not None and (case["last_event_at"] is None or at > case["last_event_at"]):
+                case["last_event_at"] = at
+        else:
+            self._evolve(doc, event, kind, case_id, at)
         view.add(
-            event.tenant_id, event.account_id, at, INTERACTIONS, position,
-            event_entry(event, at, summary),
+            tenant, account_id, at, INTERACTIONS, position,
+            {"actor": event["actor"]["kind"], "at": at, "case_id": case_id,
+             "channel": event["source"]["channel"], "summary": summary, "type": kind},
         )  # fmt: skip
 
-    def _evolve(self, doc: Doc, event: Event, at: str) -> None:
+    def _evolve(self, doc: Doc, event: Record, kind: str, case_id: str | None, at: str) -> None:
         cases: dict[str, Doc] = doc["open_cases"]
-        case = cases.get(event.case_id) if event.case_id is not None else None
-        if event.type in TIMELINE_ONLY:
-            # Most of a log: skip the class patterns below, each a costly isinstance miss.
+        case = cases.get(case_id) if case_id is not None else None
+        if kind == "case.opened":
+            if case_id in cases:
+                return
+            tier = Tier(doc["profile"]["tier"]) if doc["profile"]["tier"] else None
+            decision = self.rules.in_force(utc(event["occurred_at"])).decide_priority(
+                Level(event["impact"]), Level(event["urgency"]), tier
+            )
+            assert case_id is not None
+            cases[case_id] = {
+                "subject": short(event["subject"], 120),
+                "topic": event["topic"],
+                "opened_at": at,
+                "status": "open",
+                "priority": decision.priority.value,
+                "team": event["team"],
+                "assignee_id": None,
+                "channel": event["source"]["channel"],
+                "last_event_at": at,
+            }
+            doc["counts"]["cases_opened"] += 1
+        elif kind in ("case.resolved", "case.closed", "case.merged"):
+            if case is None:
+                return
+            assert case_id is not None
+            del cases[case_id]
+            ended = {"case_id": case_id, "topic": case["topic"], "ended_at": at,
+                     "outcome": kind.removeprefix("case."),
+                     "priority": case["priority"]}  # fmt: skip
+            doc["recent_closed"] = [ended, *doc["recent_closed"]][:RECENT_CLOSED]
+            if kind == "case.resolved":
+                doc["counts"]["cases_resolved"] += 1
+        elif kind == "case.reopened":
+            doc["counts"]["reopens"] += 1
             if case is not None:
-                case["last_event_at"] = max(case["last_event_at"] or at, at)
-            return
-        match event:
-            case CaseOpened():
-                if event.case_id in cases:
-                    return
-                tier = Tier(doc["profile"]["tier"]) if doc["profile"]["tier"] else None
-                decision = self.rules.in_force(event.occurred_at).decide_priority(
-                    event.impact, event.urgency, tier
-                )
-                assert event.case_id is not None
-                cases[event.case_id] = {
-                    "subject": short(event.subject, 120),
-                    "topic": event.topic,
-                    "opened_at": at,
-                    "status": "open",
-                    "priority": decision.priority.value,
-                    "team": event.team.value,
-                    "assignee_id": None,
-                    "channel": event.source.channel.value,
-                    "last_event_at": at,
-                }
-                doc["counts"]["cases_opened"] += 1
-            case CaseResolved() | CaseClosed() | CaseMerged():
-                if case is None:
-                    return
-                assert event.case_id is not None
-                del cases[event.case_id]
-                ended = {"case_id": event.case_id, "topic": case["topic"], "ended_at": at,
-                         "outcome": event.type.removeprefix("case."),
-                         "priority": case["priority"]}  # fmt: skip
-                doc["recent_closed"] = [ended, *doc["recent_closed"]][:RECENT_CLOSED]
-                if isinstance(event, CaseResolved):
-                    doc["counts"]["cases_resolved"] += 1
-            case CaseReopened():
-                doc["counts"]["reopens"] += 1
-                if case is not None:
-                    case["status"] = "open"
-                    return
-                earlier = next(
-                    (c for c in doc["recent_closed"] if c["case_id"] == event.case_id), None
-                )
-                if earlier is None:
-                    return
-                doc["recent_closed"] = [c for c in doc["recent_closed"] if c is not earlier]
-                assert event.case_id is not None
-                cases[event.case_id] = {
-                    "subject": None, "topic": earlier["topic"], "opened_at": None,
-                    "status": "open", "priority": earlier["priority"], "team": None,
-                    "assignee_id": None, "channel": event.source.channel.value,
-                    "last_event_at": at,
-                }  # fmt: skip
-            case StatusChanged():
-                if case is not None:
-                    case["status"] = event.status.value
-            case PriorityChanged():
-                if case is not None:
-                    case["priority"] = event.priority.value
-            case CaseAssigned():
-                if case is not None:
-                    case["assignee_id"], case["team"] = event.assignee_id, event.team.value
-            case HandedOff():
-                doc["counts"]["handoffs"] += 1
-                if case is not None:
-                    case["team"] = event.to_team.value
-            case SurveyAnswered():
-                survey = {"kind": event.kind.value, "score": event.score, "at": at,
-                          "case_id": event.case_id}  # fmt: skip
-                doc["surveys"]["latest"][event.kind.value] = survey
-                doc["surveys"]["recent"] = [survey, *doc["surveys"]["recent"]][:RECENT_SURVEYS]
-            case AccountUpdated():
-                profile = doc["profile"]
-                for f in PROFILE_FIELDS:
-                    value = getattr(event, f)
-                    if value is not None:
-                        profile[f] = _plain(value)
-                if doc["lifecycle"]["since"] is None:
-                    doc["lifecycle"]["since"] = at
-            case AccountRenewed():
-                doc["lifecycle"] = {"stage": "renewed", "since": at}
-                if event.arr is not None:
-                    doc["profile"]["arr"] = event.arr
-                if event.next_renewal_date is not None:
-                    doc["profile"]["renewal_date"] = event.next_renewal_date.isoformat()
-            case AccountChurned():
-                doc["lifecycle"] = {"stage": "churned", "since": at}
-            case MilestoneReached() | MilestoneMissed():
-                stage = doc["lifecycle"]["stage"]
-                if isinstance(event, MilestoneReached) and event.milestone in ONBOARDING_DONE:
-                    if stage == "onboarding":
-                        doc["lifecycle"] = {"stage": "active", "since": at}
-                elif stage == "active" and not doc.get("onboarded"):
-                    doc["lifecycle"] = {"stage": "onboarding", "since": at}
-                if isinstance(event, MilestoneReached) and event.milestone in ONBOARDING_DONE:
-                    doc["onboarded"] = True
-        if case is not None and event.case_id in cases:
+                case["status"] = "open"
+                return
+            earlier = next((c for c in doc["recent_closed"] if c["case_id"] == case_id), None)
+            if earlier is None:
+                return
+            doc["recent_closed"] = [c for c in doc["recent_closed"] if c is not earlier]
+            assert case_id is not None
+            cases[case_id] = {
+                "subject": None, "topic": earlier["topic"], "opened_at": None,
+                "status": "open", "priority": earlier["priority"], "team": None,
+                "assignee_id": None, "channel": event["source"]["channel"],
+                "last_event_at": at,
+            }  # fmt: skip
+        elif kind == "case.status_changed":
+            if case is not None:
+                case["status"] = event["status"]
+        elif kind == "case.priority_changed":
+            if case is not None:
+                case["priority"] = event["priority"]
+        elif kind == "case.assigned":
+            if case is not None:
+                case["assignee_id"], case["team"] = event["assignee_id"], event["team"]
+        elif kind == "case.handed_off":
+            doc["counts"]["handoffs"] += 1
+            if case is not None:
+                case["team"] = event["to_team"]
+        elif kind == "survey.answered":
+            survey = {"kind": event["kind"], "score": event["score"], "at": at,
+                      "case_id": case_id}  # fmt: skip
+            doc["surveys"]["latest"][event["kind"]] = survey
+            doc["surveys"]["recent"] = [survey, *doc["surveys"]["recent"]][:RECENT_SURVEYS]
+        elif kind == "account.updated":
+            profile = doc["profile"]
+            for f in PROFILE_FIELDS:
+                value = event.get(f)
+                if value is not None:
+                    profile[f] = value
+            if doc["lifecycle"]["since"] is None:
+                doc["lifecycle"]["since"] = at
+        elif kind == "account.renewed":
+            doc["lifecycle"] = {"stage": "renewed", "since": at}
+            if event["arr"] is not None:
+                doc["profile"]["arr"] = event["arr"]
+            if event["next_renewal_date"] is not None:
+                doc["profile"]["renewal_date"] = event["next_renewal_date"]
+        elif kind == "account.churned":
+            doc["lifecycle"] = {"stage": "churned", "since": at}
+        elif kind in ("onboarding.milestone_reached", "onboarding.milestone_missed"):
+            done = kind == "onboarding.milestone_reached" and event["milestone"] in ONBOARDING_DONE
+            stage = doc["lifecycle"]["stage"]
+            if done:
+                if stage == "onboarding":
+                    doc["lifecycle"] = {"stage": "active", "since": at}
+                doc["onboarded"] = True
+            elif stage == "active" and not doc.get("onboarded"):
+                doc["lifecycle"] = {"stage": "onboarding", "since": at}
+        if case is not None and case_id in cases:
             case["last_event_at"] = max(case["last_event_at"] or at, at)
 
     def apply_signal(self, view: View, position: int, signal: Signal) -> None:

@@ -33,6 +33,7 @@ from loopservice.domain.events import (
 )
 from loopservice.domain.policy import KnowledgeSection, Policy
 from loopservice.domain.signals import Signal
+from loopservice.infra.sqlite_log import decode_interaction
 from loopservice.projections.context import new_rules
 from loopservice.projections.store import Doc, View
 
@@ -68,6 +69,7 @@ def _article(tenant: str, article_id: str) -> Doc:
 class KnowledgeFold:
     name = "knowledge"
     interaction_topics = KNOWLEDGE_TOPICS
+    decode = staticmethod(decode_interaction)
 
     def __init__(self, default_policy: Policy) -> None:
         self.rules = new_rules(default_policy)

@@ -37,6 +37,7 @@ from loopservice.domain.events import (
 from loopservice.domain.patterns import DEFAULT_RULES as PATTERN_RULES
 from loopservice.domain.policy import Policy
 from loopservice.domain.signals import HandoffRuleViolated, Signal
+from loopservice.infra.sqlite_log import decode_interaction
 from loopservice.projections.context import new_rules
 from loopservice.projections.store import Doc, View
 
@@ -68,6 +69,7 @@ def _case(account_id: str) -> Doc:
 class MaturityFold:
     name = "maturity"
     interaction_topics = MATURITY_TOPICS
+    decode = staticmethod(decode_interaction)
 
     def __init__(self, default_policy: Policy) -> None:
         self.rules = new_rules(default_policy)

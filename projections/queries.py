@@ -15,7 +15,7 @@ import orjson
 from loopservice.domain.events import Event
 from loopservice.domain.policy import Policy
 from loopservice.domain.signals import Signal
-from loopservice.infra.sqlite_log import SQLiteLog, decode_interaction, decode_signal
+from loopservice.infra.sqlite_log import SQLiteLog, decode_signal
 from loopservice.projections.cases import render_case
 from loopservice.projections.context import (
     INTERACTIONS,
@@ -23,6 +23,7 @@ from loopservice.projections.context import (
     ContextFold,
     render_context,
 )
+from loopservice.projections.records import utc
 from loopservice.projections.store import Cursor, ProjectionStore, memory_view
 
 CONTEXT_TIMELINE = 50
@@ -137,11 +138,11 @@ class ProjectionQueries:
                     if log == INTERACTIONS:
                         if n.topic != "policy.published" and needle not in body:
                             continue
-                        event = decode_interaction(n.topic, body)
-                        if event.occurred_at > at:
+                        event = fold.decode(n.topic, body)
+                        if utc(event["occurred_at"]) > at:
                             continue
-                        if event.type == "policy.published" or (
-                            event.tenant_id == tenant and event.account_id == account_id
+                        if event["type"] == "policy.published" or (
+                            event["tenant_id"] == tenant and event["account_id"] == account_id
                         ):
                             fold.apply_event(view, n.id, event)
                     elif needle in body:

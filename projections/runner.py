@@ -3,12 +3,16 @@ them into views, and commits each batch together with the positions it consumed.
 
 Each projection has two trackers (`interactions`, `signals`) per table version. A step reads the
 next range of positions of each log, decodes only the types the projection folds (the rest is
-skipped inside SQLite by topic), applies the folds and commits the view changes and both
-positions in one transaction (`ProjectionStore.commit`). A restart resumes at the tracked
-positions; the policy events before them are re-read so priorities use the policy in force.
+skipped inside SQLite by topic) the way the fold reads them (`Fold.decode`: event models, or
+the records' JSON objects for the context and cases folds), applies the folds and commits the
+view changes and both positions in one transaction (`ProjectionStore.commit`). A restart
+resumes at the tracked positions; the policy events before them are re-read so priorities use
+the policy in force.
 
 `rebuild(name)` folds the whole log into version n+1 of the tables while reads keep answering
-from version n, and flips the current version in the transaction of its last batch.
+from version n, and flips the current version in the transaction of its last batch. It runs
+the same steps, with larger batches, and commits each one on a writer thread while the next
+one folds (`_Writer`); live steps commit in place.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,7 +35,7 @@ from loopservice.projections.cases import CasesFold
 from loopservice.projections.context import INTERACTIONS, SIGNALS, ContextFold
 from loopservice.projections.knowledge import KnowledgeFold
 from loopservice.projections.maturity import MaturityFold
-from loopservice.projections.store import ProjectionStore, StaleVersion, View, memory_view
+from loopservice.projections.store import ProjectionStore, StaleVersion, View, fresh_view
 from loopservice.projections.trends import TrendsFold
 
 logger = logging.getLogger(__name__)
@@ -39,12 +44,19 @@ Progress = Callable[[int], None]
 
 
 class Fold(Protocol):
+    """A projection's fold. `decode(topic, body)` turns a stored interaction into what
+    `apply_event` takes: the event model (`decode_interaction`) or, for folds that copy a few
+    fields, its JSON object (`projections.records.event_json`)."""
+
     name: str
     interaction_topics: tuple[str, ...]
 
+    @property
+    def decode(self) -> Callable[[str, bytes], Any]: ...
+
     def remember_policy(self, event: PolicyPublished) -> None: ...
 
-    def apply_event(self, view: View, position: int, event: Event) -> None: ...
+    def apply_event(self, view: View, position: int, event: Any) -> None: ...
 
     def apply_signal(self, view: View, position: int, signal: Signal) -> None: ...
 
@@ -67,6 +79,7 @@ class RebuildResult:
     events: int
     seconds: float
     checksum: str
+    cpu_seconds: float = 0.0  # of this process (every thread), over the same span as `seconds`
 
     @property
     def rate(self) -> float:
@@ -84,14 +97,14 @@ class Step:
 def _records(
     source: SQLiteLog[Any], start: int, stop: int, topics: Sequence[str], chunk: int = 5000
 ) -> Iterator[list[tuple[int, str, bytes]]]:
-    """(position, topic, state) of the records in [start, stop] of the given types (all if
-    none), a chunk at a time.
+    """(position, topic, body) of the records in [start, stop] of the given types (all if
+    none), a chunk at a time; the body is the record's state after its 32-byte time stamp.
 
     Plain tuples from the recorder's table: `select_notifications` builds an `sqlite3.Row`
     and a `Notification` per record, which cost more than reading it.
     """
     statement = (
-        f"SELECT rowid, topic, state FROM {source.recorder.events_table_name} "
+        f"SELECT rowid, topic, substr(state, 33) FROM {source.recorder.events_table_name} "
         "WHERE rowid >= ? AND rowid <= ? "
         + (f"AND topic IN ({','.join('?' * len(topics))}) " if topics else "")
         + "ORDER BY rowid LIMIT ?"
@@ -107,6 +120,34 @@ def _records(
             return
         yield rows
         position = rows[-1][0] + 1
+
+
+class _Writer:
+    """Commits a rebuild's batches on a thread of its own, in order, while the next batch
+    folds; at most one commit is outstanding, and a failed one raises at the next `submit`
+    or `wait`.
+
+    A batch's commit is a few statements (`ProjectionStore._write`), each run by SQLite or
+    PostgreSQL without Python's lock, so the two threads use two cores. Row by row
+    (`executemany`), the writer would wait for the lock after every row instead.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="projection-commit")
+        self._pending: Future[None] | None = None
+
+    def submit(self, commit: Callable[[], None]) -> None:
+        self.wait()
+        self._pending = self._pool.submit(commit)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Waits for the outstanding commit, if any, without raising its error."""
+        self._pool.shutdown(wait=True)
 
 
 class ProjectionRunner:
@@ -159,10 +200,10 @@ class ProjectionRunner:
 
     def _step(
         self, name: str, live: _Live, heads: dict[str, int], *, mode: str = "live",
-        batch: int | None = None,
+        batch: int | None = None, writer: _Writer | None = None,
     ) -> Step:  # fmt: skip
         """Folds the next range of each log (to the heads if `mode` is "switch") and commits it
-        with the positions; a failed commit drops the cached documents."""
+        with the positions, here or on `writer`; a failed commit drops the cached documents."""
         step = Step()
         batch = batch or self.batch
         fold, view, positions = live.fold, live.view, live.positions
@@ -174,30 +215,42 @@ class ProjectionRunner:
             stop = heads[log] if mode == "switch" else min(start + batch - 1, heads[log])
             if stop < start:
                 continue
-            for rows in _records(source, start, stop, topics):
-                if log == INTERACTIONS:
-                    for position, topic, state in rows:
-                        fold.apply_event(view, position, decode_interaction(topic, state[32:]))
-                else:
-                    for position, topic, state in rows:
-                        fold.apply_signal(view, position, decode_signal(topic, state[32:]))
-                step.folded += len(rows)
+            with view.loading():
+                for rows in _records(source, start, stop, topics):
+                    if log == INTERACTIONS:
+                        apply, decode = fold.apply_event, fold.decode
+                        for position, topic, body in rows:
+                            apply(view, position, decode(topic, body))
+                    else:
+                        for position, topic, body in rows:
+                            fold.apply_signal(view, position, decode_signal(topic, body))
+                    step.folded += len(rows)
             step.scanned[log] = stop - start + 1
         changed = {log: positions[log] + n for log, n in step.scanned.items()}
         if changed or mode == "switch":
             recent = set(view.dirty)
+            changes, version = view.take(), live.version
+
+            def commit() -> None:
+                self.store.commit(fold.name, version, changes, changed, mode=mode)
+
             try:
-                self.store.commit(fold.name, live.version, view, changed, mode=mode)
+                if writer is None:
+                    commit()
+                else:
+                    writer.submit(commit)
             except BaseException:
                 view.forget()  # the cache may hold changes that were never committed
                 self._live.pop(name, None)
                 raise
             positions.update(changed)
             if len(view.docs) > self.max_cached:
+                if writer is not None:
+                    writer.wait()
                 # Committed, so the tables hold every cached document: read them back on use.
                 # The batch's own documents are the likeliest to be needed next (open cases,
                 # active accounts): they stay, unless they alone overflow the cache.
-                view.load = self.store.loader(fold.name, live.version)
+                view.load = self.store.loader(fold.name, version)
                 view.forget(keep=recent if len(recent) <= self.max_cached // 2 else ())
         return step
 
@@ -254,10 +307,10 @@ class ProjectionRunner:
         old = self.store.current_version(name)
         version = max([*self.store.versions(name), old or 0]) + 1
         self.store.prepare(name, version)
-        # The new tables start empty and this view is their only writer: every document
-        # lives in its cache, so it never has to look one up.
-        live = _Live(self.factories[name](), version, memory_view(), {INTERACTIONS: 0, SIGNALS: 0})
-        started = time.perf_counter()
+        # The new tables start empty and this view is their only writer: it looks up only the
+        # documents it has written and dropped from its cache (see `_step`).
+        live = _Live(self.factories[name](), version, fresh_view(), {INTERACTIONS: 0, SIGNALS: 0})
+        started, cpu_started = time.perf_counter(), time.process_time()
         scanned = 0
         # The cached documents are long-lived, and the collector's passes would walk them
         # over and over (a quarter of a rebuild's time at 200k events). The fold makes no
@@ -265,26 +318,32 @@ class ProjectionRunner:
         # collector pauses for the rebuild (every thread's, hence only for its length).
         collecting = gc.isenabled()
         gc.disable()
+        writer = _Writer()
         try:
             while True:
                 heads = self.heads()
                 remaining = sum(heads[log] - live.positions[log] for log in heads)
                 last = remaining <= self.rebuild_batch
                 mode = "switch" if last else "build"
-                step = self._step(name, live, heads, mode=mode, batch=self.rebuild_batch)
+                step = self._step(
+                    name, live, heads, mode=mode, batch=self.rebuild_batch, writer=writer
+                )
                 scanned += sum(step.scanned.values())
                 if progress is not None:
                     progress(sum(step.scanned.values()))
                 if last and all(live.positions[log] >= heads[log] for log in heads):
                     break
+            writer.wait()
         finally:
+            writer.close()
             if collecting:
                 gc.enable()
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         self._live.pop(name, None)
         if old is not None and old != version:
             self.store.drop(name, old)
-        return RebuildResult(name, version, scanned, seconds, self.store.checksum(name, version))
+        checksum = self.store.checksum(name, version)
+        return RebuildResult(name, version, scanned, seconds, checksum, cpu)
 
 
 def default_folds(policy: Policy) -> dict[str, FoldFactory]:

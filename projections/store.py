@@ -17,6 +17,11 @@ already committed fails the whole transaction instead of counting twice.
 `proj_versions` holds the version reads use; a rebuild fills version n+1 beside it and its last
 batch flips the row in the same transaction (see `projections.runner`).
 
+A batch's rows go in row by row, or in bulk from `bulk_rows` rows of a table on: on SQLite as
+one statement over a JSON array of them (run by SQLite without Python's lock, so a rebuild's
+writer thread and its folding thread share no lock), on PostgreSQL with COPY. Both store the
+same bytes (tests/test_projections.py holds them to it).
+
 `ProjectionStore` holds all of that once; a backend supplies its transactions, its table DDL,
 its bulk writes and its tracking recorder: `SQLiteProjectionStore` here, and
 `PostgresProjectionStore` (`projections.postgres_store`, eventsourcing's
@@ -31,7 +36,7 @@ import hashlib
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,22 +46,34 @@ from eventsourcing.sqlite import SQLiteCursor, SQLiteDatastore, SQLiteTrackingRe
 
 Doc = dict[str, Any]
 DocKey = tuple[str, str, str]  # kind, tenant_id, key
-DocRow = tuple[str, str, str, str, str, bytes]  # kind, tenant_id, key, account_id, sort, doc
-TimelineRow = tuple[str, str, str, str, int, bytes]  # tenant_id, key, at, log, position, entry
+# The JSON texts (`doc`, `entry`) are stored as UTF-8 BLOBs; the rows hold them as `str`.
+DocRow = tuple[str, str, str, str, str, str]  # kind, tenant_id, key, account_id, sort, doc
+TimelineRow = tuple[str, str, str, str, int, str]  # tenant_id, key, at, log, position, entry
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 
 
-def dump(value: Any) -> bytes:
-    """The canonical JSON of a document or entry: sorted keys, no spaces."""
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+def dump(value: Any) -> str:
+    """The canonical JSON text of a document or entry: sorted keys, no spaces.
+
+    As `str`: orjson's output buffer, shrunk to fit and kept among thousands of others until
+    a batch commits, cost the allocator several times what copying it into a string costs."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
 class StaleVersion(RuntimeError):
     """The version a batch was built for is no longer current (a rebuild switched over)."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class Changes:
+    """What a batch writes: the changed documents (sorted by key) and new timeline rows."""
+
+    docs: list[DocRow]
+    rows: list[TimelineRow]
+
+
+@dataclass(slots=True)
 class _Cached:
     account_id: str
     sort: str
@@ -67,8 +84,8 @@ class _Cached:
 class View:
     """A projection's working set: documents loaded on first use, changes kept until commit.
 
-    Folds call `doc(...)` (which marks the document changed) and `add(...)`; the runner commits
-    the changes and then `clear()`s them, keeping the loaded documents as a cache.
+    Folds call `doc(...)` (which marks the document changed) and `add(...)`; the runner
+    `take()`s the changes and commits them, keeping the loaded documents as a cache.
     """
 
     load: Callable[[str, str, str], tuple[str, str, Doc] | None]
@@ -78,6 +95,14 @@ class View:
     # Keys looked up and not found: the view is its tables' only writer, so they stay absent
     # until `doc` creates them (a fold often asks `find` and then `doc` for a new key).
     missing: set[DocKey] = field(default_factory=set)
+    # Every key the tables can hold, when the view filled them from empty (a rebuild): a key
+    # outside it is new and not looked up, even after the cache was dropped.
+    known: set[DocKey] | None = None
+
+    def _load(self, k: DocKey) -> tuple[str, str, Doc] | None:
+        if k in self.missing or (self.known is not None and k not in self.known):
+            return None
+        return self.load(*k)
 
     def doc(
         self, kind: str, tenant: str, key: str, account_id: str, sort: str,
@@ -86,9 +111,11 @@ class View:
         k = (kind, tenant, key)
         cached = self.docs.get(k)
         if cached is None:
-            found = None if k in self.missing else self.load(kind, tenant, key)
+            found = self._load(k)
             if found is None:
                 self.missing.discard(k)
+                if self.known is not None:
+                    self.known.add(k)
                 cached = _Cached(account_id, sort, create())
             else:
                 cached = _Cached(*found)
@@ -101,18 +128,36 @@ class View:
         k = (kind, tenant, key)
         cached = self.docs.get(k)
         if cached is None:
-            found = None if k in self.missing else self.load(kind, tenant, key)
+            found = self._load(k)
             if found is None:
                 self.missing.add(k)
                 return None
             cached = self.docs[k] = _Cached(*found)
         return cached.doc
 
+    def loading(self) -> AbstractContextManager[object]:
+        """Where the documents a batch looks up are read: one read transaction of the
+        store's (see `Loader.session`), when the view reads a store."""
+        session = getattr(self.load, "session", None)
+        return session() if session is not None else nullcontext()
+
     def resort(self, kind: str, tenant: str, key: str, sort: str) -> None:
         self.docs[(kind, tenant, key)].sort = sort
 
     def add(self, tenant: str, key: str, at: str, log: str, position: int, entry: Doc) -> None:
         self.rows.append((tenant, key, at, log, position, dump(entry)))
+
+    def take(self) -> Changes:
+        """The changes since the last `take`, ready to write (the documents as JSON text)."""
+        docs = self.docs
+        changed = [
+            (k[0], k[1], k[2], d.account_id, d.sort, dump(d.doc))
+            for k in sorted(self.dirty)
+            for d in (docs[k],)
+        ]
+        rows, self.rows = self.rows, []
+        self.dirty.clear()
+        return Changes(changed, rows)
 
     def clear(self) -> None:
         self.dirty.clear()
@@ -134,6 +179,51 @@ def _no_docs(kind: str, tenant: str, key: str) -> None:
 def memory_view() -> View:
     """A view that starts empty and never touches a database (for `as_of`)."""
     return View(_no_docs)
+
+
+def fresh_view() -> View:
+    """A view of tables it fills from empty (a rebuild): nothing to look up until the runner
+    drops cached documents, and then only the keys it has written."""
+    return View(_no_docs, known=set())
+
+
+class Loader:
+    """Reads documents of a version's table for a `View`: each in a read transaction of its
+    own, or, within a `session` (a batch), all in one opened by the first of them.
+
+    A session's snapshot may predate commits still under way; what it reads is not among
+    them: the view keeps every document it changed cached until those changes are committed.
+    """
+
+    def __init__(self, store: ProjectionStore, docs: str) -> None:
+        self.store = store
+        self.statement = (
+            f"SELECT account_id, sort, doc FROM {docs} WHERE kind=? AND tenant_id=? AND key=?"
+        )
+        self._session: ExitStack | None = None
+        self._cursor: Cursor | None = None
+
+    def __call__(self, kind: str, tenant: str, key: str) -> tuple[str, str, Doc] | None:
+        if self._session is None:
+            with self.store._transaction(commit=False) as c:
+                return self._read(c, kind, tenant, key)
+        if self._cursor is None:
+            self._cursor = self._session.enter_context(self.store._transaction(commit=False))
+        return self._read(self._cursor, kind, tenant, key)
+
+    def _read(self, c: Cursor, kind: str, tenant: str, key: str) -> tuple[str, str, Doc] | None:
+        c.execute(self.statement, (kind, tenant, key))
+        row = c.fetchone()
+        return None if row is None else (row[0], row[1], orjson.loads(row[2]))
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            self._session = stack
+            try:
+                yield
+            finally:
+                self._session = self._cursor = None
 
 
 class Cursor(Protocol):
@@ -158,6 +248,8 @@ class ProjectionStore:
     tracking_table = "tracking"
     lock_current = ""  # appended to the version read of a commit (row lock where supported)
     table_options = ""
+    text = "CAST(%s AS TEXT)"  # a stored JSON document (a BLOB) read as text
+    bulk_rows = 1000  # rows of one table in a batch from which `_write` goes in bulk
 
     def _transaction(self, *, commit: bool) -> AbstractContextManager[Cursor]:
         raise NotImplementedError
@@ -166,11 +258,26 @@ class ProjectionStore:
         """Moves a tracked position forward in the transaction of `c` (IntegrityError if not)."""
         raise NotImplementedError
 
-    def _create(self, c: Cursor, name: str, version: int) -> None:
+    def _create(self, c: Cursor, name: str, version: int, *, building: bool = False) -> None:
+        """The version's tables; `building` (a rebuild's target) may leave out what `_finish`
+        adds when the rebuild switches over."""
         raise NotImplementedError
 
-    def _write(self, c: Cursor, docs: str, timeline: str, dirty: list[DocRow],
-               rows: list[TimelineRow]) -> None:  # fmt: skip
+    def _finish(self, c: Cursor, name: str, version: int) -> None:
+        """Completes a rebuilt version's tables, in the transaction that makes it current: the
+        listing indexes of its documents, built once from the whole table rather than kept up
+        through every batch (the lookups of a rebuild use only the primary key)."""
+        self._index_docs(c, self.tables(name, version)[0])
+
+    @staticmethod
+    def _index_docs(c: Cursor, docs: str) -> None:
+        c.execute(
+            f"CREATE INDEX IF NOT EXISTS {docs}_account ON {docs} "
+            "(kind, tenant_id, account_id, sort)"
+        )
+        c.execute(f"CREATE INDEX IF NOT EXISTS {docs}_sort ON {docs} (kind, tenant_id, sort)")
+
+    def _write(self, c: Cursor, docs: str, timeline: str, changes: Changes) -> None:
         raise NotImplementedError
 
     def versions(self, name: str) -> list[int]:
@@ -225,7 +332,7 @@ class ProjectionStore:
         """Empty tables and no tracked positions for `version` (a fresh rebuild target)."""
         with self._transaction(commit=True) as c:
             self._drop(c, name, version)
-            self._create(c, name, version)
+            self._create(c, name, version, building=True)
 
     def drop(self, name: str, version: int) -> None:
         with self._transaction(commit=True) as c:
@@ -241,30 +348,19 @@ class ProjectionStore:
 
     # --- reading and writing documents ---------------------------------------------------
 
-    def loader(self, name: str, version: int) -> Callable[[str, str, str], Any]:
-        docs, _ = self.tables(name, version)
-        statement = (
-            f"SELECT account_id, sort, doc FROM {docs} WHERE kind=? AND tenant_id=? AND key=?"
-        )
-
-        def load(kind: str, tenant: str, key: str) -> tuple[str, str, Doc] | None:
-            with self._transaction(commit=False) as c:
-                c.execute(statement, (kind, tenant, key))
-                row = c.fetchone()
-            return None if row is None else (row[0], row[1], orjson.loads(row[2]))
-
-        return load
+    def loader(self, name: str, version: int) -> Loader:
+        return Loader(self, self.tables(name, version)[0])
 
     def commit(
         self,
         name: str,
         version: int,
-        view: View,
+        changes: Changes,
         positions: Mapping[str, int],
         *,
         mode: str = "live",
     ) -> None:
-        """Writes the view's changes and the new positions in one transaction.
+        """Writes a batch's changes and the new positions in one transaction.
 
         `mode` "live" raises `StaleVersion` (nothing written) unless `version` is current;
         "build" writes a version that is not current yet (a rebuild); "switch" also makes
@@ -274,6 +370,7 @@ class ProjectionStore:
         with self._transaction(commit=True) as c:
             current = self._current(c, name, self.lock_current)
             if mode == "switch":
+                self._finish(c, name, version)
                 c.execute(
                     "INSERT INTO proj_versions VALUES (?, ?) "
                     "ON CONFLICT (name) DO UPDATE SET version=excluded.version",
@@ -281,15 +378,9 @@ class ProjectionStore:
                 )
             elif mode == "live" and current is not None and current != version:
                 raise StaleVersion(f"{name} v{version} is no longer current (v{current} is)")
-            dirty = [
-                (k[0], k[1], k[2], d.account_id, d.sort, dump(d.doc))
-                for k in sorted(view.dirty)
-                for d in (view.docs[k],)
-            ]
-            self._write(c, docs, timeline, dirty, view.rows)
+            self._write(c, docs, timeline, changes)
             for log, position in positions.items():
                 self._track(c, Tracking(self.tracker(name, version, log), position))
-        view.clear()
 
     @contextmanager
     def reading(self) -> Iterator[Cursor]:
@@ -304,21 +395,26 @@ class ProjectionStore:
             raise KeyError(f"no projection {name!r}")
         docs, timeline = self.tables(name, version)
         digest = hashlib.sha256()
+        dumps = orjson.dumps
         with self.reading() as c:
             for table, columns, order in (
-                (docs, "kind, tenant_id, key, account_id, sort, doc", "kind, tenant_id, key"),
-                (timeline, "tenant_id, key, at, log, position, entry",
+                (docs, f"kind, tenant_id, key, account_id, sort, {self.text % 'doc'}",
+                 "kind, tenant_id, key"),
+                (timeline, f"tenant_id, key, at, log, position, {self.text % 'entry'}",
                  "tenant_id, key, at, log, position"),
             ):  # fmt: skip
                 digest.update(table.rsplit("_v", 1)[0].encode() + b"\n")
                 c.execute(f"SELECT {columns} FROM {table} ORDER BY {order}")
+                # Each row as a JSON array (the JSON documents as strings), a line each.
                 while rows := c.fetchmany(5000):
-                    for row in rows:
-                        digest.update(
-                            dump([v if not isinstance(v, bytes) else v.decode() for v in row])
-                        )
-                        digest.update(b"\n")
+                    digest.update(b"\n".join(map(dumps, rows)) + b"\n")
         return digest.hexdigest()
+
+
+_FROM_JSON = (
+    " SELECT value->>0, value->>1, value->>2, value->>3, value->>4, CAST(value->>5 AS BLOB) "
+    "FROM json_each(?)"
+)
 
 
 class SQLiteProjectionStore(ProjectionStore):
@@ -335,37 +431,45 @@ class SQLiteProjectionStore(ProjectionStore):
     @contextmanager
     def _transaction(self, *, commit: bool) -> Iterator[Cursor]:
         with self.datastore.transaction(commit=commit) as c:
-            yield c.sqlite_cursor
+            raw = c.sqlite_cursor
+            raw.row_factory = None  # plain tuples, not the datastore's `sqlite3.Row`s
+            yield raw
 
     def _track(self, c: Cursor, tracking: Tracking) -> None:
         assert isinstance(c, sqlite3.Cursor)
         self.tracking._insert_tracking(SQLiteCursor(c), tracking)
 
-    def _create(self, c: Cursor, name: str, version: int) -> None:
+    def _create(self, c: Cursor, name: str, version: int, *, building: bool = False) -> None:
         docs, timeline = self.tables(name, version)
         c.execute(
             f"CREATE TABLE IF NOT EXISTS {docs} (kind TEXT, tenant_id TEXT, key TEXT, "
             "account_id TEXT, sort TEXT, doc BLOB, PRIMARY KEY (kind, tenant_id, key)) "
             "WITHOUT ROWID"
         )
-        c.execute(
-            f"CREATE INDEX IF NOT EXISTS {docs}_account ON {docs} "
-            "(kind, tenant_id, account_id, sort)"
-        )
-        c.execute(f"CREATE INDEX IF NOT EXISTS {docs}_sort ON {docs} (kind, tenant_id, sort)")
+        if not building:
+            self._index_docs(c, docs)
         c.execute(
             f"CREATE TABLE IF NOT EXISTS {timeline} (tenant_id TEXT, key TEXT, at TEXT, "
             "log TEXT, position INTEGER, entry BLOB, "
             "PRIMARY KEY (tenant_id, key, at, log, position)) WITHOUT ROWID"
         )
 
-    def _write(self, c: Cursor, docs: str, timeline: str, dirty: list[DocRow],
-               rows: list[TimelineRow]) -> None:  # fmt: skip
+    def _write(self, c: Cursor, docs: str, timeline: str, changes: Changes) -> None:
         assert isinstance(c, sqlite3.Cursor)
-        if dirty:
-            c.executemany(f"INSERT OR REPLACE INTO {docs} VALUES (?, ?, ?, ?, ?, ?)", dirty)
-        if rows:
-            c.executemany(f"INSERT INTO {timeline} VALUES (?, ?, ?, ?, ?, ?)", rows)
+        for rows, insert in (
+            (changes.docs, f"INSERT OR REPLACE INTO {docs}"),
+            (changes.rows, f"INSERT INTO {timeline}"),
+        ):
+            if len(rows) >= self.bulk_rows:
+                # One statement over the rows as a JSON array: SQLite does the whole batch
+                # in C, without Python's lock (see `runner._Writer`). Not
+                # for a NUL in a string, which SQLite's JSON functions cut short.
+                payload = orjson.dumps(rows)
+                if b"\\u0000" not in payload:
+                    c.execute(insert + _FROM_JSON, (payload.decode(),))
+                    continue
+            if rows:
+                c.executemany(insert + " VALUES (?, ?, ?, ?, ?, CAST(? AS BLOB))", rows)
 
     def versions(self, name: str) -> list[int]:
         with self._transaction(commit=False) as c:

@@ -32,6 +32,7 @@ from loopservice.domain.events import (
 )
 from loopservice.domain.policy import Policy
 from loopservice.domain.signals import PatternDetected, Signal, SlaBreachRetracted
+from loopservice.infra.sqlite_log import decode_interaction
 from loopservice.projections.context import new_rules
 from loopservice.projections.store import Doc, View
 
@@ -56,6 +57,7 @@ def _new_case() -> Doc:
 class TrendsFold:
     name = "trends"
     interaction_topics = TRENDS_TOPICS
+    decode = staticmethod(decode_interaction)
 
     def __init__(self, default_policy: Policy) -> None:
         self.rules = new_rules(default_policy)

@@ -27,6 +27,7 @@ from loopservice.domain.events import Event
 from loopservice.domain.signals import SlaBreached, SlaWarning
 from loopservice.infra.api import create_app
 from loopservice.infra.auth import TokenRegistry
+from loopservice.infra.event_codec import encode_event
 from loopservice.infra.projections_api import projections_router
 from loopservice.infra.settings import Settings, TokenGrant
 from loopservice.infra.sqlite_log import SQLiteLog, interaction_log, open_datastore, signal_log
@@ -76,6 +77,11 @@ def breach(case: str = "c1", account: str = "acct-1", minutes: int = 30) -> SlaB
     )  # fmt: skip
 
 
+def stored(fold: ContextFold | CasesFold, e: Event) -> Any:
+    """The event as the runner hands it to the fold: decoded from its stored bytes."""
+    return fold.decode(e.type, encode_event(e))
+
+
 StoreUrls = Callable[[], str]
 
 
@@ -111,7 +117,7 @@ def test_context_fold_builds_profile_cases_surveys_and_a_timeline_without_bodies
     fold, view = ContextFold(POLICY), memory_view()
     events = story()
     for position, e in enumerate(events[:5], 1):
-        fold.apply_event(view, position, e)
+        fold.apply_event(view, position, stored(fold, e))
     doc = view.find("account", "acme", "acct-1")
     assert doc is not None
     assert doc["profile"]["tier"] == "enterprise" and doc["profile"]["owner_id"] == "csm-1"
@@ -120,7 +126,7 @@ def test_context_fold_builds_profile_cases_surveys_and_a_timeline_without_bodies
     assert case["priority"] == "P1"  # matrix[high][medium] = P2, enterprise raises one step
     assert case["team"] == "success"
     for position, e in enumerate(events[5:], 6):
-        fold.apply_event(view, position, e)
+        fold.apply_event(view, position, stored(fold, e))
     fold.apply_signal(view, 1, breach())
     assert doc["open_cases"] == {}
     assert doc["recent_closed"][0]["outcome"] == "resolved"
@@ -130,8 +136,8 @@ def test_context_fold_builds_profile_cases_surveys_and_a_timeline_without_bodies
     assert len(view.rows) == len(events) + 1
     kinds = {orjson.loads(r[5])["type"] for r in view.rows}
     assert {"case.handed_off", "survey.answered", "sla.breached"} <= kinds
-    dumped = b"".join(r[5] for r in view.rows) + orjson.dumps(doc)
-    for secret in (b"secret reply", b"private comment", b"internal details", b"still broken"):
+    dumped = "".join(r[5] for r in view.rows) + orjson.dumps(doc).decode()
+    for secret in ("secret reply", "private comment", "internal details", "still broken"):
         assert secret not in dumped
 
 
@@ -144,7 +150,7 @@ def test_lifecycle_moves_through_onboarding_renewal_and_churn() -> None:
         (event("account.churned", 4, case=None, reason="budget"), "churned"),
     ]
     for position, (e, stage) in enumerate(steps, 1):
-        fold.apply_event(view, position, e)
+        fold.apply_event(view, position, stored(fold, e))
         doc = view.find("account", "acme", "acct-1")
         assert doc is not None and doc["lifecycle"]["stage"] == stage
 
@@ -153,7 +159,7 @@ def test_case_fold_keeps_priority_history_handoffs_sla_and_earlier_cases() -> No
     fold, view = CasesFold(POLICY), memory_view()
     events = [*story(), *story(case="c2", start=20)]
     for position, e in enumerate(events, 1):
-        fold.apply_event(view, position, e)
+        fold.apply_event(view, position, stored(fold, e))
     fold.apply_signal(view, 1, breach())
     fold.apply_signal(view, 2, breach(minutes=40).model_copy(update={"signal_id": "x"}))
     first, second = view.find("case", "acme", "c1"), view.find("case", "acme", "c2")
@@ -215,10 +221,11 @@ def test_a_batch_already_committed_cannot_be_applied_twice(
     version = world.store.current_version("context")
     assert version is not None
     view = memory_view()
-    ContextFold(POLICY).apply_event(view, 1, story()[0])
+    fold = ContextFold(POLICY)
+    fold.apply_event(view, 1, stored(fold, story()[0]))
     before = world.store.checksum("context")
     with pytest.raises(IntegrityError):
-        world.store.commit("context", version, view, {"interactions": 1})
+        world.store.commit("context", version, view.take(), {"interactions": 1})
     assert world.store.checksum("context") == before
 
 
@@ -242,16 +249,71 @@ def test_rebuild_matches_the_live_build_byte_for_byte_and_switches_atomically(
         )  # fmt: skip
 
     before = world.queries.account_context("acme", "acct-1")
+    world.store.bulk_rows = 1  # a real rebuild's batch size: written in bulk, not row by row
+    world.runner.max_cached = 3  # and documents dropped from the cache are read back
     result = world.runner.rebuild("context", progress)
     assert result.version == 2 and result.checksum == live["context"]
     assert result.events == world.log.head() + world.signals.head()
     assert len(seen) > 2 and all(v == 1 and ctx == before for v, ctx in seen[:-1])
     assert world.store.current_version("context") == 2 and world.store.versions("context") == [2]
+    docs, timeline = world.store.tables("context", 2)
+    with world.store.reading() as c:  # keys and indexes left to the switch are there
+        c.execute(
+            "SELECT indexname FROM pg_indexes WHERE tablename IN (?, ?)"
+            if world.store_url
+            else "SELECT name FROM sqlite_master WHERE type='index' AND tbl_name IN (?, ?)",
+            (docs, timeline),
+        )
+        indexes = {r[0] for r in c.fetchall()}
+    assert {f"{docs}_account", f"{docs}_sort"} <= indexes
+    assert not world.store_url or {f"{docs}_pkey", f"{timeline}_pkey"} <= indexes
     assert world.queries.account_context("acme", "acct-1") == before
     assert world.runner.rebuild("cases").checksum == live["cases"]
     world.log.append(story("acct-9", "case-9", start=900))  # the live runner follows v2
     world.runner.catch_up()
     assert world.queries.account_context("acme", "acct-9") is not None
+
+
+ODD = 'quote " back\\slash tab\t line\nfeed bell\x07 é 😀 \u2028 end'
+
+
+def test_bulk_and_row_by_row_writes_store_the_same_bytes(
+    tmp_path: Path, store_url: StoreUrls
+) -> None:
+    """A batch goes in row by row or in bulk (SQLite: one JSON array; PostgreSQL: COPY) by its
+    size; texts that JSON and COPY must escape come back the same either way."""
+    url = store_url()
+    world = World(tmp_path / "loop.db", batch=4, store=url)
+    odd = {"account": 'acct-"odd\\1 é', "case": "case-😀\t1"}
+    events = [
+        *many(2),
+        *story(odd["account"], odd["case"], start=300),
+        opened(400, case="c-odd-2", account_id=odd["account"], subject=ODD, topic="odd"),
+        event("case.handed_off", 401, case="c-odd-2", account_id=odd["account"], actor=AGENT,
+              from_team="support", to_team="success", reason=ODD),
+    ]  # fmt: skip
+    if not url:  # PostgreSQL text cannot hold NUL; SQLite's JSON path must step aside for it
+        events.append(event("case.note_added", 402, case="c-odd-2", account_id="acct-nul\x00",
+                            body="n"))  # fmt: skip
+    world.store.bulk_rows = 1_000_000  # live: row by row
+    world.log.append(events)
+    world.signals.append([breach(odd["case"], odd["account"])])
+    world.runner.catch_up()
+    live = {n: world.store.checksum(n) for n in ("context", "cases")}
+    world.store.bulk_rows = 1  # the rebuild: in bulk
+    for name in live:
+        assert world.runner.rebuild(name).checksum == live[name]
+    ctx = world.queries.account_context("acme", odd["account"])
+    assert ctx is not None and ctx["context"]["open_cases"][0]["subject"] == " ".join(ODD.split())
+    assert any(ODD.split()[0] in e["summary"] for e in ctx["timeline"])
+    if not url:  # stored as BLOBs either way (the checksum reads them as text)
+        with world.store.reading() as c:
+            for name in live:
+                docs, timeline = world.store.tables(name, 2)
+                c.execute(f"SELECT DISTINCT typeof(doc) FROM {docs}")
+                assert c.fetchall() == [("blob",)]
+                c.execute(f"SELECT DISTINCT typeof(entry), typeof(position) FROM {timeline}")
+                assert c.fetchall() == [("blob", "integer")]
 
 
 def test_as_of_gives_the_context_as_it_stood(tmp_path: Path, store_url: StoreUrls) -> None:
@@ -405,7 +467,7 @@ def test_sigkill_mid_stream_leaves_view_and_position_in_agreement(
 
 def test_sla_warning_lands_in_the_case_view() -> None:
     fold, view = CasesFold(POLICY), memory_view()
-    fold.apply_event(view, 1, opened(1))
+    fold.apply_event(view, 1, stored(fold, opened(1)))
     warn = SlaWarning(
         signal_id="w", tenant_id="acme", account_id="acct-1", case_id="c1",
         detected_at=T0, caused_by=("ev-1",), metric="resolution", cycle=0,
