@@ -46,10 +46,14 @@ signal names the top `explain_top` factors and their events.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Annotated, Any
+from functools import lru_cache
+from itertools import accumulate
+from operator import mul, truediv
+from typing import Annotated, Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -206,6 +210,59 @@ class Survey:
     event_id: str
 
 
+_NONE = -1.0  # a day without a record, in a row of days (recorded values are never negative)
+
+
+@dataclass(slots=True)
+class DailyValues:
+    """A metric's values by day ordinal with the record of each: a map from day to value held
+    as sorted parallel lists, so that a run of days reads as one slice."""
+
+    days: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.days)
+
+    def put(self, day: int, value: float, event_id: str) -> None:
+        days = self.days
+        i = len(days) if not days or days[-1] < day else bisect_left(days, day)
+        if i < len(days) and days[i] == day:
+            self.values[i], self.ids[i] = value, event_id
+        else:
+            days.insert(i, day)
+            self.values.insert(i, value)
+            self.ids.insert(i, event_id)
+
+    def drop_before(self, day: int) -> None:
+        i = bisect_left(self.days, day)
+        del self.days[:i], self.values[:i], self.ids[:i]
+
+    def row(self, first: int, last: int) -> tuple[list[float], bool]:
+        """The value of each day from `first` to `last`, `_NONE` on a day without one; and
+        whether there is such a day."""
+        days = self.days
+        lo, hi = bisect_left(days, first), bisect_right(days, last)
+        if hi - lo == last - first + 1:  # every day has one
+            return self.values[lo:hi], False
+        out = [_NONE] * (last - first + 1)
+        for d, v in zip(days[lo:hi], self.values[lo:hi], strict=True):
+            out[d - first] = v
+        return out, True
+
+    def ids_between(self, first: int, last: int) -> list[str]:
+        """The records of the days from `first` to `last`, in day order."""
+        days = self.days
+        return self.ids[bisect_left(days, first) : bisect_right(days, last)]
+
+    def id_of(self, day: int) -> str:
+        return self.ids[bisect_left(self.days, day)]
+
+    def newest(self) -> tuple[int, str] | None:
+        return (self.days[-1], self.ids[-1]) if self.days else None
+
+
 @dataclass(slots=True)
 class AccountHealth:
     tenant_id: str
@@ -218,27 +275,40 @@ class AccountHealth:
     owner_changes: list[Mark] = field(default_factory=list)
     first_seen: datetime | None = None
     churned: bool = False
-    usage: dict[int, tuple[float, str]] = field(default_factory=dict)  # by day ordinal
+    usage: DailyValues = field(default_factory=DailyValues)
     cases_opened: list[Mark] = field(default_factory=list)
     open_cases: dict[str, OpenCase] = field(default_factory=dict)
     breaches: dict[str, tuple[datetime, tuple[str, ...]]] = field(default_factory=dict)
     nps: list[Survey] = field(default_factory=list)
     csat: list[Survey] = field(default_factory=list)
     missed: dict[str, Mark] = field(default_factory=dict)
-    # the decision so far
+    # the decision so far; an account that stays low may have been scored without its usage
+    # slide (see `decide`), so these are exact for an account at medium or high
     level: RiskLevel = "low"
     score: float = 0.0
-    factors: tuple[RiskFactor, ...] = ()
+    factors: tuple[Factor, ...] = ()
     evaluated_at: datetime | None = None
     limit_armed: bool = True
-    usage_version: int = 0
-    usage_cache: tuple[date, int, UsageView] | None = None
+
+
+class Factor(NamedTuple):
+    """One reason behind a score: what a signal states as a `RiskFactor`."""
+
+    factor: str
+    points: float
+    detail: str
+    caused_by: tuple[str, ...]
+
+    def stated(self) -> RiskFactor:
+        return RiskFactor(
+            factor=self.factor, points=self.points, detail=self.detail, caused_by=self.caused_by
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Assessment:
     score: float
-    factors: tuple[RiskFactor, ...]  # every factor with points, most points first
+    factors: tuple[Factor, ...]  # every factor with points, most points first
 
 
 PriorityOf = Callable[[Level, Level, Tier | None], Priority]
@@ -255,6 +325,11 @@ def evolve(
     if state.first_seen is None or at < state.first_seen:
         state.first_seen = at
     match event:
+        case UsageRecorded():  # first: most events are usage records
+            if event.metric == rules.usage_metric:
+                state.usage.put(event.period_end.toordinal(), event.value, event.event_id)
+                _prune_usage(state, event.period_end, rules)
+                return _near_limit(state, event, rules)
         case AccountUpdated():
             if event.tier is not None:
                 state.tier = event.tier
@@ -271,12 +346,6 @@ def evolve(
                 state.renewal = (event.next_renewal_date, event.event_id)
         case AccountChurned():
             state.churned = True
-        case UsageRecorded():
-            if event.metric == rules.usage_metric:
-                state.usage[event.period_end.toordinal()] = (event.value, event.event_id)
-                state.usage_version += 1
-                _prune_usage(state, event.period_end, rules)
-                return _near_limit(state, event, rules)
         case CaseOpened():
             assert event.case_id is not None
             if event.case_id not in state.open_cases:
@@ -313,7 +382,7 @@ def is_backfill(event: Event) -> bool:
     """A usage record for a period that ended days before it was recorded: history being
     filled in. It feeds the baseline, but its arrival is no moment to score the account."""
     return isinstance(event, UsageRecorded) and (
-        event.occurred_at.date() - event.period_end > timedelta(days=1)
+        event.occurred_at.date().toordinal() - event.period_end.toordinal() > 1
     )
 
 
@@ -330,8 +399,7 @@ def _prune_usage(state: AccountHealth, newest: date, rules: HealthRules) -> None
     keep = rules.usage_recent_days + rules.usage_baseline_days + 1
     if len(state.usage) > keep + 7:
         oldest = newest.toordinal() - keep
-        for d in [d for d in state.usage if d < oldest]:
-            del state.usage[d]
+        state.usage.drop_before(oldest)
 
 
 # --- assess ------------------------------------------------------------------------------
@@ -339,10 +407,20 @@ def _prune_usage(state: AccountHealth, newest: date, rules: HealthRules) -> None
 
 def assess(state: AccountHealth, at: datetime, rules: HealthRules) -> Assessment:
     """The account's score at `at` with every contributing factor, most points first."""
+    return _assess(state, at, rules, None)
+
+
+def _assess(
+    state: AccountHealth, at: datetime, rules: HealthRules, level: RiskLevel | None
+) -> Assessment:
+    """`assess`, but given the account's current `level` the usage slide is fitted only when
+    it could change the level the score gives: an account at low whose other factors stay
+    below the medium mark even with the slide's full weight stays low whatever the slide."""
     w = rules.weights
+    today = at.date()
+    row, gaps = _usage_row(state, today.toordinal(), rules)
     found = [
-        _usage(state, at, rules, w.usage_decline),
-        _slide(state, at, rules, w.usage_slide),
+        _usage(state, row, gaps, today, rules, w.usage_decline),
         _case_volume(state, at, rules, w.case_volume),
         _breaches(state, at, rules, w.sla_breaches),
         _open_high(state, rules, w.open_high_priority),
@@ -352,6 +430,8 @@ def assess(state: AccountHealth, at: datetime, rules: HealthRules) -> Assessment
         _renewal(state, at, rules, w.renewal),
         _owner(state, at, rules, w.owner_change),
     ]
+    if level != "low" or not _slide_is_moot(found, rules):
+        found.append(_slide(state, row, gaps, today, rules, w.usage_slide))
     factors = sorted(
         (f for f in found if f is not None and f.points > 0),
         key=lambda f: (-f.points, f.factor),
@@ -360,10 +440,15 @@ def assess(state: AccountHealth, at: datetime, rules: HealthRules) -> Assessment
     return Assessment(score, tuple(factors))
 
 
-def _factor(name: str, points: float, detail: str, causes: tuple[str, ...]) -> RiskFactor:
-    return RiskFactor(
-        factor=name, points=round(min(100.0, points), 1), detail=detail, caused_by=causes
-    )
+def _slide_is_moot(others: list[Factor | None], rules: HealthRules) -> bool:
+    """True when the other factors and the slide's full weight stay clearly (by more than the
+    rounding of points and score) below the marks that lift an account from low."""
+    rest = sum(f.points for f in others if f is not None and f.points > 0)
+    return rest + rules.weights.usage_slide + 0.5 < min(rules.medium_at, rules.high_at)
+
+
+def _factor(name: str, points: float, detail: str, causes: tuple[str, ...]) -> Factor:
+    return Factor(name, round(min(100.0, points), 1), detail, causes)
 
 
 def _ramp(value: float, start: float, full: float) -> float:
@@ -372,9 +457,20 @@ def _ramp(value: float, start: float, full: float) -> float:
     return min(1.0, max(0.0, (value - start) / (full - start)))
 
 
+# --- usage ---------------------------------------------------------------------------------
+#
+# Every usage quantity is computed afresh from the account's daily values (`state.usage`) each
+# time it is needed: nothing is carried from one assessment to the next, so an account folded
+# from its history, or restored from a snapshot, explains itself to the digit. Sums run over the
+# days in date order, one running total each, as plainly written; a day without a record
+# stands as `_NONE` in a row of days and adds nothing (0.0) where it is summed.
+
+_MIN_STEP = 5  # values on each side of a step, and at least on a slide
+
+
 @dataclass(frozen=True, slots=True)
 class Slide:
-    """The slide fitted to recent usage: flat, then a straight decline from `since` to today."""
+    """A slide fitted to recent usage: flat, then a straight decline from `since` to today."""
 
     since: date
     days: int
@@ -383,134 +479,88 @@ class Slide:
     causes: tuple[str, ...]  # the records from `since` on
 
 
-@dataclass(frozen=True, slots=True)
-class UsageView:
-    recent: float | None  # mean over the last `usage_recent_days`
-    baseline: float | None  # the best `usage_window_days` mean before them
-    slide: Slide | None  # the best slide over the last `slide_window_days`
-    causes: tuple[str, ...]  # the recent records' event ids
+def _usage_row(state: AccountHealth, last: int, rules: HealthRules) -> tuple[list[float], bool]:
+    """The metric on each day up to the day ordinal `last`, as far back as the baseline and
+    the slide look, `_NONE` on a day without a record; and whether there is such a day."""
+    length = max(rules.usage_recent_days + rules.usage_baseline_days, rules.slide_window_days)
+    return state.usage.row(last - length + 1, last)
 
 
-def usage_view(state: AccountHealth, today: date, rules: HealthRules) -> UsageView:
-    """The account's usage as seen on the day `today`."""
-    cached = state.usage_cache
-    if cached is not None and cached[0] == today and cached[1] == state.usage_version:
-        return cached[2]
-    usage = state.usage
-    last = today.toordinal()
-    recent_first = last - rules.usage_recent_days + 1
-    recent = [usage[o] for o in range(recent_first, last + 1) if o in usage]
-    n = rules.usage_baseline_days
-    values = [usage[o][0] if o in usage else None for o in range(recent_first - n, recent_first)]
+def _recorded(values: list[float]) -> list[float]:
+    return [v for v in values if v != _NONE] if _NONE in values else values
+
+
+def _usage_levels(
+    row: list[float], gaps: bool, rules: HealthRules
+) -> tuple[float | None, float | None]:
+    """The mean of the last `usage_recent_days` of `row`, and the baseline before them: the
+    highest `usage_window_days` mean, windows ending a week apart."""
+    r, n = rules.usage_recent_days, rules.usage_baseline_days
+    recent = _recorded(row[-r:]) if gaps else row[-r:]
+    values = row[len(row) - r - n : len(row) - r]
+    # a day without a record adds 0.0 to a window's running sum, that is nothing
+    summed = [0.0 if v == _NONE else v for v in values] if gaps else None
+    width, least = rules.usage_window_days, rules.usage_min_baseline_days
     best: float | None = None
-    width = rules.usage_window_days
-    end = n  # windows end at the baseline's last day and step back a week at a time
-    while end >= rules.usage_min_baseline_days:
-        window = [v for v in values[max(0, end - width) : end] if v is not None]
-        if len(window) >= rules.usage_min_baseline_days:
-            mean = sum(window) / len(window)
-            best = mean if best is None or mean > best else best
-        end -= 7
-    recent_mean = sum(v for v, _ in recent) / len(recent) if recent else None
-    slide = _fit_slide(usage, last, rules)
-    found = UsageView(recent_mean, best, slide, tuple(e for _, e in recent))
-    state.usage_cache = (today, state.usage_version, found)
-    return found
+    for end in range(n, least - 1, -7):  # windows end at the baseline's end, a week apart
+        start = end - width if end > width else 0
+        if summed is None:
+            count = end - start
+            if count < least:
+                continue
+            mean = sum(values[start:end]) / count
+        else:
+            count = end - start - values[start:end].count(_NONE)
+            if count < least:
+                continue
+            mean = sum(summed[start:end]) / count
+        if best is None or mean > best:
+            best = mean
+    return (sum(recent) / len(recent) if recent else None), best
 
 
-_MIN_STEP = 5  # values on each side of a step, and at least on a slide
+def _recent_ids(state: AccountHealth, last: int, rules: HealthRules) -> tuple[str, ...]:
+    return tuple(state.usage.ids_between(last - rules.usage_recent_days + 1, last))
 
 
-def _fit_slide(usage: dict[int, tuple[float, str]], last: int, rules: HealthRules) -> Slide | None:
-    """Fits a step and a slide (flat, then linear down to `last`) to the weekday-adjusted daily
-    values of the last `slide_window_days`; None when there is too little to fit."""
-    span = rules.usage_recent_days + rules.usage_baseline_days
-    kept = [o for o in range(last - span + 1, last + 1) if o in usage]
-    by_weekday: dict[int, list[float]] = {}
-    for o in kept:
-        by_weekday.setdefault(o % 7, []).append(usage[o][0])
-    if len(by_weekday) < 7 or min(len(v) for v in by_weekday.values()) < 2:
-        return None
-    overall = sum(usage[o][0] for o in kept) / len(kept)
-    if overall <= 0:
-        return None
-    profile = {wd: sum(v) / len(v) / overall for wd, v in by_weekday.items()}
-    first = last - rules.slide_window_days + 1
-    days = [o for o in range(first, last + 1) if o in usage and profile[o % 7] > 0]
-    if len(days) < max(3 * _MIN_STEP, rules.slide_window_days * 2 // 3):
-        return None
-    xs = [float(o - first) for o in days]
-    ys = [usage[o][0] / profile[o % 7] for o in days]
-    n = len(ys)
-    # suffix sums: S[k] = sum over points k.. of 1, x, x², y, y², x·y
-    s1, sx, sxx, sy, syy, sxy = ([0.0] * (n + 1) for _ in range(6))
-    for k in range(n - 1, -1, -1):
-        x, y = xs[k], ys[k]
-        s1[k], sx[k], sxx[k] = s1[k + 1] + 1, sx[k + 1] + x, sxx[k + 1] + x * x
-        sy[k], syy[k], sxy[k] = sy[k + 1] + y, syy[k + 1] + y * y, sxy[k + 1] + x * y
-
-    def flat_sse(i: int, j: int) -> float:  # points i..j-1 around their mean
-        m, t = s1[i] - s1[j], sy[i] - sy[j]
-        return syy[i] - syy[j] - t * t / m
-
-    step = min(flat_sse(0, k) + flat_sse(k, n) for k in range(_MIN_STEP, n - _MIN_STEP + 1))
-    best: tuple[float, int, float, float] | None = None  # sse, hinge point, slope, level
-    total, total_sq = sy[0], syy[0]
-    for k in range(0, n - _MIN_STEP + 1):
-        c, m = xs[k], s1[k]
-        # y = a + b·u with u = max(0, x - c): u is zero before the hinge point
-        su = sx[k] - c * m
-        suu = sxx[k] - 2 * c * sx[k] + c * c * m
-        suy = sxy[k] - c * sy[k]
-        det = n * suu - su * su
-        if det <= 1e-9:
-            continue
-        b = (n * suy - su * total) / det
-        if b >= 0:
-            continue
-        a = (total - b * su) / n
-        sse = total_sq - 2 * a * total - 2 * b * suy + n * a * a + 2 * a * b * su + b * b * suu
-        if best is None or sse < best[0]:
-            best = (sse, k, b, a)
-    if best is None or best[3] <= 0:
-        return None
-    sse, k, b, a = best
-    length = xs[-1] - xs[k]
-    since = date.fromordinal(days[k])
-    causes = tuple(usage[o][1] for o in days[k:])
-    variance = max(sse, 1e-12) / (n - 3)
-    return Slide(since, int(length), -b * length / a, (step - sse) / variance, causes)
-
-
-def _usage(state: AccountHealth, at: datetime, rules: HealthRules, weight: float) -> RiskFactor:
-    view = usage_view(state, at.date(), rules)
-    recent, base = view.recent, view.baseline
+def _usage(
+    state: AccountHealth,
+    row: list[float],
+    gaps: bool,
+    today: date,
+    rules: HealthRules,
+    weight: float,
+) -> Factor | None:
+    recent, base = _usage_levels(row, gaps, rules)
     if base is None or base <= 0:
-        return _factor("usage_decline", 0, "", ())
+        return None
     if recent is None:
-        last = max(state.usage, default=None)
-        cause = (state.usage[last][1],) if last is not None else ()
+        newest = state.usage.newest()
+        cause = (newest[1],) if newest is not None else ()
         return _factor("usage_decline", weight, f"no {rules.usage_metric} recorded lately", cause)
     drop = 1 - recent / base
     points = weight * _ramp(drop, rules.usage_decline_from, rules.usage_decline_full)
+    if round(min(100.0, points), 1) <= 0:
+        return None
     detail = (
         f"{rules.usage_metric} {rules.usage_recent_days}-day mean {recent:.1f} is "
         f"{drop:.0%} below its baseline {base:.1f}"
     )
-    return _factor("usage_decline", points, detail, view.causes)
+    causes = _recent_ids(state, today.toordinal(), rules)
+    return _factor("usage_decline", points, detail, causes)
 
 
 def _slide(
-    state: AccountHealth, at: datetime, rules: HealthRules, weight: float
-) -> RiskFactor | None:
+    state: AccountHealth,
+    row: list[float],
+    gaps: bool,
+    today: date,
+    rules: HealthRules,
+    weight: float,
+) -> Factor | None:
     """Usage sliding steadily for `slide_min_days` or more (see the module docstring)."""
-    slide = usage_view(state, at.date(), rules).slide
-    if (
-        slide is None
-        or slide.versus_step < -rules.slide_step_tolerance
-        or slide.days < rules.slide_min_days
-        or slide.fall < rules.slide_from
-    ):
+    slide = _fit_slide(row, gaps, today.toordinal(), rules, state.usage)
+    if slide is None or slide.versus_step < -rules.slide_step_tolerance:
         return None
     points = weight * _ramp(slide.fall, rules.slide_from, rules.slide_full)
     per_week = slide.fall / slide.days * 7
@@ -524,14 +574,179 @@ def _slide(
     )
 
 
+def _fit_slide(
+    row: list[float], gaps: bool, last: int, rules: HealthRules, usage: DailyValues
+) -> Slide | None:
+    """Fits a slide (flat, then linear down to `last`) to the weekday-adjusted daily values of
+    the last `slide_window_days` of `row`, and a step to compare it with when the slide has
+    lasted `slide_min_days` and lost `slide_from`; None when there is too little to fit or
+    the slide is too short or too shallow to count."""
+    span = rules.usage_recent_days + rules.usage_baseline_days
+    kept = row[-span:]
+    start = last - span + 1
+    counts, sums = [0] * 7, [0.0] * 7
+    if gaps:
+        present = [v != _NONE for v in kept]
+        kept = [0.0 if v == _NONE else v for v in kept]
+    for r in range(7):  # row offset r holds the weekday (start + r) % 7
+        counts[(start + r) % 7] = sum(present[r::7]) if gaps else (span - r + 6) // 7
+        sums[(start + r) % 7] = sum(kept[r::7])
+    if min(counts) < 2:
+        return None
+    overall = sum(kept) / sum(counts)
+    if overall <= 0:
+        return None
+    profile = [total / count / overall for total, count in zip(sums, counts, strict=True)]
+    width = rules.slide_window_days
+    first = last - width + 1
+    window = row[-width:]
+    shift = first % 7
+    scale = ((profile[shift:] + profile[:shift]) * (width // 7 + 1))[:width]
+    xs: Sequence[float]
+    if not gaps and all(p > 0 for p in profile):
+        xs = _first_days(width)
+        ys = list(map(truediv, window, scale))
+    else:
+        offsets = [j for j, v in enumerate(window) if v != _NONE and scale[j] > 0]
+        xs = [float(j) for j in offsets]
+        ys = [window[j] / scale[j] for j in offsets]
+    n = len(ys)
+    if n < max(3 * _MIN_STEP, width * 2 // 3):
+        return None
+    sy = _suffix_sums(ys)
+    sxy = _suffix_sums(list(map(mul, xs, ys)))
+    squares = list(map(mul, ys, ys))
+    total_sq = sum(reversed(squares))  # as a suffix sum's first: from the last value back
+    # the terms depend on the days' spacing only: a window filled from some day on has
+    # those of a whole window of its length
+    terms = _whole_window_terms(n) if xs[-1] - xs[0] == n - 1 else _hinge_terms(xs)
+    best = _best_hinge(xs, sy, total_sq, sxy, terms)
+    if best is None or best[3] <= 0:
+        return None
+    sse, k, b, a = best
+    length = xs[-1] - xs[k]
+    fall = -b * length / a
+    if int(length) < rules.slide_min_days or fall < rules.slide_from:
+        return None
+    step = _best_step(sy, _suffix_sums(squares))
+    variance = max(sse, 1e-12) / (n - 3)
+    since = first + int(xs[k])
+    causes = usage.ids_between(since, last)
+    if len(causes) != n - k:  # some days were left out of the fit: the fitted ones
+        causes = [usage.id_of(first + int(x)) for x in xs[k:]]
+    return Slide(date.fromordinal(since), int(length), fall, (step - sse) / variance, tuple(causes))
+
+
+def _suffix_sums(values: Sequence[float]) -> list[float]:
+    """S[k] = the sum of values[k:], accumulated from the last value back; S[n] = 0.0."""
+    out = list(accumulate(reversed(values), initial=0.0))
+    out.reverse()
+    return out
+
+
+HingeTerms = tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]
+
+
+def _hinge_terms(xs: Sequence[float]) -> HingeTerms:
+    """For each hinge point k with `_MIN_STEP` points or more from it on: Σu, Σu² and
+    n·Σu² − (Σu)² over those points, u = x − x_k. They depend on the days only, and are whole
+    numbers (the days are), computed exactly."""
+    n = len(xs)
+    sx = _suffix_sums(xs)
+    sxx = _suffix_sums(list(map(mul, xs, xs)))
+    su: list[float] = []
+    suu: list[float] = []
+    det: list[float] = []
+    for k in range(n - _MIN_STEP + 1):
+        c, m = xs[k], float(n - k)
+        u = sx[k] - c * m
+        uu = sxx[k] - 2 * c * sx[k] + c * c * m
+        su.append(u)
+        suu.append(uu)
+        det.append(n * uu - u * u)
+    return tuple(su), tuple(suu), tuple(det)
+
+
+@lru_cache(maxsize=8)
+def _first_days(n: int) -> tuple[float, ...]:
+    return tuple(map(float, range(n)))
+
+
+@lru_cache(maxsize=128)
+def _whole_window_terms(n: int) -> HingeTerms:
+    """`_hinge_terms` of `n` consecutive days: a constant of `n`."""
+    return _hinge_terms(_first_days(n))
+
+
+def _best_hinge(
+    xs: Sequence[float], sy: list[float], total_sq: float, sxy: list[float], terms: HingeTerms
+) -> tuple[float, int, float, float] | None:
+    """The least-squares y = a + b·max(0, x − x_k) with b < 0 of least squared error over the
+    hinge points k: (squared error, k, b, a), the first k on a tie; None if no b < 0.
+
+    Each candidate's error is the same expression, evaluated the same way, whichever k it is
+    evaluated at. To evaluate it at few: the hinges are first ranked by the variance they
+    explain, num²/det with num = n·Σuy − Σu·Σy (the error is Σy²_centred − num²/(n·det)), and
+    only those within 1e-8·Σy² of the best error are evaluated (rounding moves an error by
+    ~1e-13·Σy²); all of them when Σy² is too large or too small for that bound to hold.
+    Every det is positive: the days are distinct whole numbers."""
+    su, suu, dets = terms
+    n = len(xs)
+    total = sy[0]
+    hinges: Iterable[int] = range(len(dets))
+    if 1e-200 < total_sq < 1e200:
+        ranks = [
+            num * num / det if num < 0 else -1.0
+            # zip stops at the last hinge point
+            for c, u, det, xy, y in zip(xs, su, dets, sxy, sy, strict=False)
+            for num in (n * (xy - c * y) - u * total,)
+        ]
+        top = max(ranks)
+        floor = top - 1e-8 * n * total_sq
+        hinges = [k for k, rank in enumerate(ranks) if rank >= floor and rank >= 0]
+    best: tuple[float, int, float, float] | None = None
+    for k in hinges:
+        det = dets[k]
+        if det <= 1e-9:
+            continue
+        c, u, uu = xs[k], su[k], suu[k]
+        suy = sxy[k] - c * sy[k]
+        b = (n * suy - u * total) / det
+        if b >= 0:
+            continue
+        a = (total - b * u) / n
+        sse = total_sq - 2 * a * total - 2 * b * suy + n * a * a + 2 * a * b * u + b * b * uu
+        if best is None or sse < best[0]:
+            best = (sse, k, b, a)
+    return best
+
+
+def _best_step(sy: list[float], syy: list[float]) -> float:
+    """The least squared error of a step (one level, then another) with `_MIN_STEP` points or
+    more on each side: around each side's mean, the points before k and from k on."""
+    n = len(sy) - 1
+    total, total_sq, whole = sy[0], syy[0], float(n)
+    counts = list(map(float, range(n, -1, -1)))  # the points from k on
+    lo, hi = _MIN_STEP, n - _MIN_STEP + 1
+    return min(
+        [
+            total_sq - qq - (total - q) * (total - q) / (whole - m) + (qq - q * q / m)
+            for q, qq, m in zip(sy[lo:hi], syy[lo:hi], counts[lo:hi], strict=True)
+        ]
+    )
+
+
 def _case_volume(
     state: AccountHealth, at: datetime, rules: HealthRules, weight: float
-) -> RiskFactor | None:
+) -> Factor | None:
+    if not state.cases_opened:
+        return None
     window = timedelta(days=rules.case_window_days)
     horizon = at - timedelta(days=rules.case_baseline_days)
     if state.cases_opened and state.cases_opened[0].at < horizon:
         state.cases_opened = [m for m in state.cases_opened if m.at >= horizon]
-    recent = [m for m in state.cases_opened if at - window < m.at <= at]
+    since = at - window
+    recent = [m for m in state.cases_opened if since < m.at <= at]
     if not recent:
         return None
     first = max(state.first_seen or at, horizon)
@@ -551,11 +766,14 @@ def _case_volume(
 
 def _breaches(
     state: AccountHealth, at: datetime, rules: HealthRules, weight: float
-) -> RiskFactor | None:
+) -> Factor | None:
+    if not state.breaches:
+        return None
     since = at - timedelta(days=rules.breach_window_days)
-    recent = sorted((due, causes) for due, causes in state.breaches.values() if since < due <= at)
+    recent = [(due, causes) for due, causes in state.breaches.values() if since < due <= at]
     if not recent:
         return None
+    recent.sort()
     causes = tuple(dict.fromkeys(c for _, cs in recent for c in cs))
     points = weight * min(1.0, len(recent) / rules.breaches_full)
     return _factor(
@@ -566,7 +784,9 @@ def _breaches(
     )
 
 
-def _open_high(state: AccountHealth, rules: HealthRules, weight: float) -> RiskFactor | None:
+def _open_high(state: AccountHealth, rules: HealthRules, weight: float) -> Factor | None:
+    if not state.open_cases:
+        return None
     high = [c for c in state.open_cases.values() if c.priority in rules.high_priorities]
     if not high:
         return None
@@ -576,9 +796,9 @@ def _open_high(state: AccountHealth, rules: HealthRules, weight: float) -> RiskF
     return _factor("open_high_priority", points, f"{len(high)} open {names} cases", causes)
 
 
-def _nps(
-    state: AccountHealth, at: datetime, rules: HealthRules, weight: float
-) -> RiskFactor | None:
+def _nps(state: AccountHealth, at: datetime, rules: HealthRules, weight: float) -> Factor | None:
+    if not state.nps:
+        return None
     since = at - timedelta(days=rules.survey_window_days)
     latest = next((s for s in reversed(state.nps) if since < s.at <= at), None)
     if latest is None or latest.score > rules.nps_detractor_max:
@@ -588,9 +808,9 @@ def _nps(
     return _factor("nps", points, f"latest NPS {latest.score} (detractor)", (latest.event_id,))
 
 
-def _csat(
-    state: AccountHealth, at: datetime, rules: HealthRules, weight: float
-) -> RiskFactor | None:
+def _csat(state: AccountHealth, at: datetime, rules: HealthRules, weight: float) -> Factor | None:
+    if not state.csat:
+        return None
     since = at - timedelta(days=rules.survey_window_days)
     low = [s for s in state.csat if since < s.at <= at and s.score <= rules.csat_low_max]
     if not low:
@@ -605,7 +825,7 @@ def _csat(
     )
 
 
-def _onboarding(state: AccountHealth, rules: HealthRules, weight: float) -> RiskFactor | None:
+def _onboarding(state: AccountHealth, rules: HealthRules, weight: float) -> Factor | None:
     if not state.missed:
         return None
     names = sorted(state.missed)
@@ -620,7 +840,7 @@ def _onboarding(state: AccountHealth, rules: HealthRules, weight: float) -> Risk
 
 def _renewal(
     state: AccountHealth, at: datetime, rules: HealthRules, weight: float
-) -> RiskFactor | None:
+) -> Factor | None:
     if state.renewal is None:
         return None
     renews, cause = state.renewal
@@ -633,9 +853,9 @@ def _renewal(
     )
 
 
-def _owner(
-    state: AccountHealth, at: datetime, rules: HealthRules, weight: float
-) -> RiskFactor | None:
+def _owner(state: AccountHealth, at: datetime, rules: HealthRules, weight: float) -> Factor | None:
+    if not state.owner_changes:
+        return None
     since = at - timedelta(days=rules.owner_change_days)
     recent = [m for m in state.owner_changes if since < m.at <= at]
     if not recent:
@@ -661,11 +881,16 @@ def decide(
     """Scores the account at `at`; returns the risk raised or cleared if its level changed.
 
     `trigger` is the event that prompted the assessment (None for a scheduled one); a cleared
-    signal whose factors have all gone names the factors it clears instead."""
+    signal whose factors have all gone names the factors it clears instead.
+
+    The usage slide is left out when it could not lift an account from low (`_assess`): the
+    level is the same with or without it, and the factors a later decision takes from this
+    one (those a cleared signal names) are only taken when this one left the account at
+    medium or high, where the slide is always fitted."""
     if state.churned:
         return []
     now = at if state.evaluated_at is None else max(at, state.evaluated_at)
-    found = assess(state, now, rules)
+    found = _assess(state, now, rules, state.level)
     previous = state.level
     level = rules.level_for(found.score, previous)
     before = state.factors
@@ -695,7 +920,7 @@ def decide(
             score=found.score,
             level=level,
             previous_level=previous,
-            factors=top,
+            factors=tuple(f.stated() for f in top),
             owner_id=state.owner_id,
         )
     ]
@@ -714,7 +939,7 @@ def _near_limit(
     today = event.period_end
     last = today.toordinal()
     days = range(last - rules.usage_recent_days + 1, last + 1)
-    values = sorted((state.usage[d][0] for d in days if d in state.usage), reverse=True)
+    values = sorted(_recorded(state.usage.row(days.start, days.stop - 1)[0]), reverse=True)
     if len(values) < rules.usage_recent_days:
         return []
     busy = values[: max(1, len(values) * 5 // 7)]  # working days: weekends do not fill seats
@@ -723,12 +948,11 @@ def _near_limit(
         state.limit_armed = True
     if not state.limit_armed or ratio < rules.limit_near:
         return []
-    view = usage_view(state, today, rules)
-    recent, base = view.recent, view.baseline
+    recent, base = _usage_levels(*_usage_row(state, last, rules), rules)
     if recent is None or base is None or recent < base * (1 - rules.usage_decline_from):
         return []
     state.limit_armed = False
-    causes = view.causes
+    causes = _recent_ids(state, last, rules)
     evidence = (*causes, state.seats_cause) if state.seats_cause else causes
     return [
         OpportunityDetected(

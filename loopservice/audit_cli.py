@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import sys
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,17 @@ def audit() -> None:
 @audit.command("replay")
 @click.option("--from", "start_at", type=_ISO, default=None, help="Window start (UTC).")
 @click.option("--until", type=_ISO, default=None, help="Window end, exclusive (UTC).")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="Differences listed one by one, earliest first (0: all of them).",
+)
 @_DB
-def replay_command(start_at: datetime | None, until: datetime | None, db: Path | None) -> None:
+def replay_command(
+    start_at: datetime | None, until: datetime | None, limit: int, db: Path | None
+) -> None:
     """Re-derive the signals from the log and compare them with the recorded ones."""
     datastore = open_datastore(_path(db))
     log, signals = interaction_log(datastore), signal_log(datastore)
@@ -96,15 +106,30 @@ def replay_command(start_at: datetime | None, until: datetime | None, db: Path |
     if report.ok:
         console.print(f"identical: {report.identical} signals")
         return
-    table = Table(
-        title=f"{report.identical} identical, {len(report.missing)} missing, "
+    differences = report.differences()
+    title = (
+        f"{report.identical} identical, {len(report.missing)} missing, "
         f"{len(report.extra)} extra, {len(report.changed)} changed"
     )
+    shown = differences if limit == 0 else differences[:limit]
+    if len(shown) < len(differences):
+        counts = Table(title=title)
+        for column in ("difference", "signal type", "signals"):
+            counts.add_column(column)
+        for (kind, kind_of_signal), n in sorted(
+            Counter((d.kind, d.signal_type) for d in differences).items()
+        ):
+            counts.add_row(kind, kind_of_signal, str(n))
+        console.print(counts)
+        title = f"the first {len(shown)} of {len(differences)} differences"
+    table = Table(title=title)
     for column in ("difference", "detected at", "signal", "case", "reason"):
         table.add_column(column)
-    for d in report.differences():
+    for d in shown:
         table.add_row(d.kind, d.detected_at, d.signal_id, d.case_id or "", d.reason)
     console.print(table)
+    if len(shown) < len(differences):
+        console.print(f"{len(differences) - len(shown)} more: --limit 0 lists them all")
     raise SystemExit(1)
 
 

@@ -182,6 +182,31 @@ def test_cli_replay_identical_then_different(system: System, tmp_path: Path) -> 
     assert "missing" in bad.output and "not re-derived" in bad.output
 
 
+def test_cli_replay_lists_the_first_differences_and_counts_them_all(
+    system: System, tmp_path: Path
+) -> None:
+    """A log ingested without its signals: every re-derived signal is extra. The counts by
+    type cover them all; the table lists the first `--limit`."""
+    bare = build_system(
+        Settings(data_dir=tmp_path, log_url=f"sqlite:///{tmp_path / 'bare.db'}"), FixedClock(END)
+    )
+    bare.log.append([r.value for r in system.log.read(1, system.log.head())])
+    derived = len(list(system.signals.values()))
+    runner = CliRunner()
+    args = ["replay", "--db", str(tmp_path / "bare.db")]
+    out = runner.invoke(audit, [*args, "--limit", "5"], env={"COLUMNS": "300"})
+    assert out.exit_code == 1, out.output
+    assert f"0 identical, 0 missing, {derived} extra, 0 changed" in out.output
+    assert f"the first 5 of {derived} differences" in out.output
+    assert f"{derived - 5} more: --limit 0 lists them all" in out.output
+    counted = re.findall(r"│ extra\s+│ [a-z_.]+\s+│ (\d+)", out.output)
+    assert sum(int(n) for n in counted) == derived
+    every = runner.invoke(audit, [*args, "--limit", "0"], env={"COLUMNS": "300"})
+    assert every.exit_code == 1
+    assert "more: --limit 0" not in every.output
+    assert every.output.count("re-derived from the log but not on the signal log") == derived
+
+
 def a_case_with_signals(system: System) -> tuple[str, str]:
     s = next(s for s in system.signals.values() if isinstance(s, SlaSignal))
     assert s.case_id is not None

@@ -3,6 +3,7 @@ signal names its causes, and the processor replays to the same signals."""
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -130,6 +131,99 @@ def test_a_one_off_drop_is_not_a_slide_but_a_steady_decline_is() -> None:
     assert found.caused_by[-1] == records[-1].event_id
     assert 20 <= len(found.caused_by) <= len(records) + 1  # from the last flat day on
     assert slide.score(at) >= RULES.medium_at > step.score(at)
+
+
+def _hinge_by_every_candidate(
+    xs: list[float], ys: list[float]
+) -> tuple[float, int, float, float] | None:
+    """The slide's hinge as first written: every hinge point evaluated in turn."""
+    n = len(ys)
+    s1, sx, sxx, sy, syy, sxy = ([0.0] * (n + 1) for _ in range(6))
+    for k in range(n - 1, -1, -1):
+        x, y = xs[k], ys[k]
+        s1[k], sx[k], sxx[k] = s1[k + 1] + 1, sx[k + 1] + x, sxx[k + 1] + x * x
+        sy[k], syy[k], sxy[k] = sy[k + 1] + y, syy[k + 1] + y * y, sxy[k + 1] + x * y
+    best: tuple[float, int, float, float] | None = None
+    total, total_sq = sy[0], syy[0]
+    for k in range(0, n - 5 + 1):
+        c, m = xs[k], s1[k]
+        su = sx[k] - c * m
+        suu = sxx[k] - 2 * c * sx[k] + c * c * m
+        suy = sxy[k] - c * sy[k]
+        det = n * suu - su * su
+        if det <= 1e-9:
+            continue
+        b = (n * suy - su * total) / det
+        if b >= 0:
+            continue
+        a = (total - b * su) / n
+        sse = total_sq - 2 * a * total - 2 * b * suy + n * a * a + 2 * a * b * su + b * b * suu
+        if best is None or sse < best[0]:
+            best = (sse, k, b, a)
+    return best
+
+
+def test_the_slide_hinge_is_the_one_every_candidate_evaluated_gives() -> None:
+    """The fit ranks the hinge points before it evaluates the best few; on noise, exact lines,
+    flat runs, steps and gappy days (ties and near-ties) it finds the hinge, slope and level
+    that evaluating every hinge point gives, to the bit."""
+    rng = random.Random(11)
+    for trial in range(400):
+        n = rng.randint(15, 84)
+        start = rng.randint(0, 20)
+        days = sorted(rng.sample(range(90), n)) if trial % 4 == 0 else list(range(start, start + n))
+        xs = [float(d) for d in days]
+        turn = rng.randint(0, n - 1)
+        shape = trial % 5
+        if shape == 0:  # noise around a level
+            ys = [round(rng.gauss(100, 9), 1) for _ in xs]
+        elif shape == 1:  # an exact line down from a hinge: many near-equal fits
+            ys = [100.0 - max(0, k - turn) * 1.5 for k in range(n)]
+        elif shape == 2:  # flat
+            ys = [50.0] * n
+        elif shape == 3:  # a step
+            ys = [80.0 if k < turn else 60.0 for k in range(n)]
+        else:  # a slide with a little noise
+            ys = [
+                round(100 * (1 - max(0, k - turn) / 90) * rng.gauss(1, 0.01), 1) for k in range(n)
+            ]
+        sy = health._suffix_sums(ys)
+        sxy = health._suffix_sums([x * y for x, y in zip(xs, ys, strict=True)])
+        total_sq = sum(reversed([y * y for y in ys]))
+        terms = health._hinge_terms(xs)
+        if days[-1] - days[0] == n - 1:  # consecutive days share a whole window's terms
+            assert health._whole_window_terms(n) == terms
+        found = health._best_hinge(xs, sy, total_sq, sxy, terms)
+        assert found == _hinge_by_every_candidate(xs, ys), (trial, shape)
+
+
+def test_a_low_account_is_decided_as_if_its_slide_were_always_fitted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The slide is left out of a low account's score when it could not lift it; the signals
+    are those of a model that fits it at every assessment."""
+    config = SimulationConfig(accounts=40, days=120, seed=5, history_days=56)
+    from loopservice.domain.events import EVENT_ADAPTER
+
+    events = [EVENT_ADAPTER.validate_python(e) for e in generate(config)]
+
+    def derive() -> list[dict[str, Any]]:
+        rules = RulesBook(default_policy(), lambda d: default_policy())
+        return [s.model_dump(mode="json") for s in run(events, derive_processors(rules))]
+
+    asked: list[bool] = []
+    moot = health._slide_is_moot
+
+    def counted(others: list[health.Factor | None], rules: HealthRules) -> bool:
+        asked.append(moot(others, rules))
+        return asked[-1]
+
+    monkeypatch.setattr(health, "_slide_is_moot", counted)
+    skipping = derive()
+    assert 0 < sum(asked) < len(asked)  # some slides were left out, some fitted
+    monkeypatch.setattr(health, "_slide_is_moot", lambda others, rules: False)
+    assert derive() == skipping
+    assert any(s["type"] == "risk.raised" for s in skipping)
 
 
 def test_a_backfill_of_old_usage_is_history_not_a_moment_to_score() -> None:

@@ -4,13 +4,25 @@ restored from a key-value store across simulated crashes, gives the same signals
 
 from __future__ import annotations
 
+import random
 import zlib
 from datetime import timedelta
 from pathlib import Path
 
-from loopservice.domain.events import EVENT_ADAPTER, ClockTick, Event, clock_tick
+from loopservice.domain.events import (
+    EVENT_ADAPTER,
+    Actor,
+    ActorKind,
+    Channel,
+    ClockTick,
+    Event,
+    PolicyPublished,
+    Source,
+    clock_tick,
+)
+from loopservice.domain.health import HealthRules
 from loopservice.domain.policy import policy_from_mapping
-from loopservice.domain.signals import Signal
+from loopservice.domain.signals import RiskRaised, Signal
 from loopservice.infra.sqlite_log import interaction_log, open_datastore, signal_log
 from loopservice.policy_cli import default_policy
 from loopservice.simulator import SimulationConfig, generate
@@ -126,3 +138,68 @@ def test_health_explanations_survive_the_crashes_of_a_long_history(tmp_path: Pat
     assert crashes >= 20
     assert any(s.type == "risk.raised" for s in expected.values())
     assert by_identity(got_raw) == expected
+
+
+def restarted_signals(records: list[Event], rng: random.Random, restarts: int) -> list[Signal]:
+    """Folds `records` on one partition whose worker dies at `restarts` random records. The
+    store (the changelog) takes what the partition flushes after a random number of records,
+    and the new worker restores from it and resumes right after the last record the store
+    holds, so it folds again the records that had not reached the store."""
+    crash_at = set(rng.sample(range(len(records)), restarts))
+    partition = Partition(0, default_policy())
+    store: dict[str, bytes] = {}
+    stored_upto = 0  # the records before this offset are all in the store
+    pending: dict[str, bytes] = {}
+    next_flush = rng.randint(1, 60)
+    out: list[Signal] = []
+    offset = 0
+    while offset < len(records):
+        out += partition.process(offset, records[offset])
+        pending.update(partition.flush())
+        offset += 1
+        if offset >= next_flush:
+            store.update(pending)
+            pending.clear()
+            stored_upto = offset
+            next_flush = offset + rng.randint(1, 60)
+        if offset - 1 in crash_at:
+            crash_at.discard(offset - 1)
+            pending.clear()
+            partition = Partition(0, default_policy())
+            partition.restore(store.items())
+            offset = stored_upto
+    return out
+
+
+def test_health_state_restored_at_random_records_explains_as_the_uninterrupted_fold() -> None:
+    """Every health value is a function of the account's history up to that point, never of
+    what was computed before: an account pickled and restored at any record, then folding
+    again what the store had not kept, derives every signal (explanations to the digit) as
+    the fold that never stopped, and nothing else."""
+    config = SimulationConfig(accounts=24, days=200, seed=8, history_days=56)
+    events = [EVENT_ADAPTER.validate_python(raw) for raw in generate(config)]
+    # two thirds in, a policy with other health windows: nothing computed under the first may
+    # stand in for what the second computes
+    middle = len(events) * 2 // 3
+    health = HealthRules(slide_window_days=56, slide_from=0.07, usage_window_days=21)
+    changed = default_policy().model_copy(update={"version": "2026.9", "health": health})
+    policy = PolicyPublished(
+        event_id="policy:2026.9",
+        occurred_at=events[middle].occurred_at,
+        tenant_id=events[middle].tenant_id,
+        account_id="_policy",
+        source=Source(platform="loopservice", channel=Channel.WEB),
+        actor=Actor(kind=ActorKind.SYSTEM, id="test"),
+        version="2026.9",
+        policy=changed.model_dump(mode="json", by_alias=True),
+    )
+    end = max(e.occurred_at for e in events) + timedelta(days=2)
+    records = [*events[:middle], policy, *events[middle:], clock_tick(end, partition=0)]
+    uninterrupted = Partition(0, default_policy())
+    expected = [s for offset, e in enumerate(records) for s in uninterrupted.process(offset, e)]
+    got = restarted_signals(records, random.Random(20240603), restarts=80)
+    assert by_identity(got) == by_identity(expected)
+    assert len(got) > len(expected)  # restored workers did derive signals again
+    raised = [s for s in expected if isinstance(s, RiskRaised)]
+    assert {s.policy_version for s in raised} == {"2026.1", "2026.9"}
+    assert any(f.factor == "usage_slide" for s in raised for f in s.factors)
