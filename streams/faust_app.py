@@ -41,6 +41,7 @@ from loopservice.domain.signals import Signal
 from loopservice.streams.clock import Clock
 from loopservice.streams.kafka_clusters import FoldMarks, run_breach_clusters
 from loopservice.streams.kafka_delivery import AlertSink, PolicyFeed, run_delivery
+from loopservice.streams.kafka_headers import header
 from loopservice.streams.partitioned import Partition
 from loopservice.streams.rules import RulesBook
 from loopservice.streams.topology import build_topology
@@ -376,15 +377,7 @@ async def _dead_letter(
     await topic.send(key=event.account_id.encode(), value=body)
 
 
-def _header(headers: Any, name: str) -> bytes | None:
-    items = headers.items() if isinstance(headers, dict) else (headers or ())
-    for key, value in items:
-        if key == name:
-            return bytes(value)
-    return None
-
-
 def _type_of(headers: Any, body: bytes) -> str:
-    kind = _header(headers, "type")
+    kind = header(headers, "type")
     # A platform producing straight to the topic may leave the header out.
     return kind.decode() if kind is not None else str(orjson.loads(body)["type"])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -30,6 +30,7 @@ from aiokafka.errors import KafkaError
 
 from loopservice.domain.policy import Policy
 from loopservice.domain.signals import SIGNAL_ADAPTER, Signal
+from loopservice.streams.kafka_headers import header
 from loopservice.streams.pattern_processors import BreachClusterProcessor
 from loopservice.streams.rules import RulesBook
 
@@ -130,7 +131,7 @@ async def run_breach_clusters(
                 batches = await consumer.getmany(*signal_tps, timeout_ms=500, max_records=5000)
                 for records in batches.values():
                     for record in records:
-                        kind = _header(record.headers, "type")
+                        kind = header(record.headers, "type")
                         if kind not in COUNTED_TYPES or record.value is None:
                             continue
                         signal = SIGNAL_ADAPTER.validate_json(record.value)
@@ -165,10 +166,3 @@ async def _behind(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -
 async def _committed(admin: AIOKafkaAdminClient, group: str, topic: str) -> dict[int, int]:
     offsets = await admin.list_consumer_group_offsets(group)
     return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
-
-
-def _header(headers: Sequence[tuple[str, bytes]] | None, name: str) -> bytes | None:
-    for key, value in headers or ():
-        if key == name:
-            return bytes(value)
-    return None

@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from loopservice.domain.policy import Policy
 from loopservice.domain.signals import SIGNAL_ADAPTER, Signal
+from loopservice.streams.kafka_headers import header
 from loopservice.streams.rules import RulesBook
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class _Delivery(ConsumerRebalanceListener):
                 for record in records:
                     if self.revoking:
                         break
-                    signal_id = _header(record.headers, "id") or b""
+                    signal_id = header(record.headers, "id") or b""
                     if signal_id not in sent:
                         await self._send(record.value)
                         sent.add(signal_id)
@@ -201,7 +202,7 @@ async def _ids_before(bootstrap: str, tp: TopicPartition, end: int) -> set[bytes
             batches = await reader.getmany(tp, timeout_ms=1000, max_records=5000)
             for record in batches.get(tp, []):
                 if record.offset < end:
-                    ids.add(_header(record.headers, "id") or b"")
+                    ids.add(header(record.headers, "id") or b"")
     finally:
         await reader.stop()
     return ids
@@ -223,10 +224,3 @@ async def deliver_until_done(sink: AlertSink, signal: Signal, route: str) -> Non
                 delay,
             )
             await asyncio.sleep(delay)
-
-
-def _header(headers: Any, name: str) -> bytes | None:
-    for key, value in headers or ():
-        if key == name:
-            return bytes(value)
-    return None
