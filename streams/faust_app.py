@@ -24,11 +24,12 @@ counts the SLA breaches of the signals topic per team as far as every fold has g
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import faust
 import orjson
@@ -48,6 +49,7 @@ from loopservice.streams.topology import build_topology
 
 logger = logging.getLogger(__name__)
 
+_crashing: set[asyncio.Future[None]] = set()  # held so the crash task is not collected
 TABLES = ("state",)  # their changelogs: <app id>-<table>-changelog
 Decode = Callable[[str, bytes], Event]
 
@@ -169,27 +171,29 @@ def create_app(
 
     @app.agent(interactions)
     async def fold(stream: Any) -> None:
-        # One record at a time: Faust acknowledges a record (and may commit its offset) once
-        # this body moves on, by then its state is in the producer's buffer, which Faust
-        # flushes before it commits. (Batches from `take_events` hung across rebalances.)
-        async for record in stream.events():
+        # One record at a time (batches from `take_events` hung across rebalances), acked by
+        # hand once the broker has everything it wrote: see `_ack_when_stored`.
+        async for record in stream.noack().events():
             message = record.message
             if message.partition not in owned:
-                continue  # fetched before a rebalance took the partition: its new owner folds it
+                record.ack()  # fetched before a rebalance took the partition: its owner folds it
+                continue
             event = decode(_type_of(message.headers, message.value), message.value)
             part = partition(message.partition)
             out = part.process(message.offset, event)
             if out:
                 await _publish(signals_topic, out)  # acknowledged before the state is written
                 on_signals(out)
-            while failures:
-                await _dead_letter(dead_letters, *failures.pop(0))
-            if engine.partitions.get(message.partition) is not part:
-                # Revoked while the signals were in flight: writing this state now could land
-                # after the new owner restored and overwrite what it folds since.
-                continue
-            for key, value in part.flush():
-                state[key.encode()] = value  # to this record's partition's changelog
+            stored = [await _dead_letter(dead_letters, *f) for f in failures]
+            failures.clear()
+            if engine.partitions.get(message.partition) is part:
+                for key, value in part.flush():
+                    # What `state[key] = value` does, keeping the changelog write's future.
+                    state.data[key.encode()] = value
+                    stored.append(state.send_changelog(message.partition, key.encode(), value))
+            # else revoked while the signals were in flight: writing this state now could land
+            # after the new owner restored and overwrite what it folds since.
+            _ack_when_stored(app, record, stored)
 
     async def tick() -> None:
         now = clock.now() - config.allowed_lateness
@@ -361,7 +365,8 @@ async def _publish(topic: Any, signals: list[Signal]) -> None:
 
 async def _dead_letter(
     topic: Any, partition: int, offset: int, event: Event, processor: str, exc: Exception
-) -> None:
+) -> Awaitable[Any]:
+    """Sends the failed record to the dead-letter topic; returns the send's future."""
     # The reason names the exception type only: messages may quote the event's text.
     body = orjson.dumps(
         {
@@ -374,7 +379,37 @@ async def _dead_letter(
             "event": event.model_dump(mode="json"),
         }
     )
-    await topic.send(key=event.account_id.encode(), value=body)
+    return cast(Awaitable[Any], await topic.send(key=event.account_id.encode(), value=body))
+
+
+def _ack_when_stored(app: faust.App, record: Any, stored: list[Any]) -> None:
+    """Acks `record` once every write it caused is on the broker.
+
+    Faust commits a partition up to its first record not acked. With the default ack (when the
+    agent moves on) a commit could overtake the record's state: the changelog writes wait in
+    Faust's producer buffer, and the flush before a commit gives up after 0.1 s without
+    progress. A worker killed then had committed offsets its changelog did not cover, and the
+    worker taking over skipped records whose effect was lost (missing signals, seen in CI).
+    A write that fails leaves the record unacked and stops the worker: it is folded again.
+    """
+    if not stored:
+        record.ack()
+        return
+    left = len(stored)
+
+    def done(write: asyncio.Future[Any]) -> None:
+        nonlocal left
+        error = write.exception() if not write.cancelled() else asyncio.CancelledError()
+        if error is not None:
+            logger.error("a state write failed (%s): stopping", type(error).__name__)
+            _crashing.add(asyncio.ensure_future(app.crash(error)))
+            return
+        left -= 1
+        if left == 0:
+            record.ack()
+
+    for write in stored:
+        write.add_done_callback(done)
 
 
 def _type_of(headers: Any, body: bytes) -> str:
