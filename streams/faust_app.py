@@ -40,6 +40,7 @@ from loopservice.domain.events import Event, PolicyPublished, clock_tick
 from loopservice.domain.policy import Policy, policy_from_mapping
 from loopservice.domain.signals import Signal
 from loopservice.streams.clock import Clock
+from loopservice.streams.kafka_acks import StoredAcks
 from loopservice.streams.kafka_clusters import FoldMarks, run_breach_clusters
 from loopservice.streams.kafka_delivery import AlertSink, PolicyFeed, run_delivery
 from loopservice.streams.kafka_headers import header
@@ -49,7 +50,6 @@ from loopservice.streams.topology import build_topology
 
 logger = logging.getLogger(__name__)
 
-_crashing: set[asyncio.Future[None]] = set()  # held so the crash task is not collected
 TABLES = ("state",)  # their changelogs: <app id>-<table>-changelog
 Decode = Callable[[str, bytes], Event]
 
@@ -169,14 +169,17 @@ def create_app(
     async def own(sender: Any, assigned: set[Any], **_: Any) -> None:
         owned.update(tp.partition for tp in assigned if tp.topic == config.topics.interactions)
 
+    acks = StoredAcks(app.crash)
+
     @app.agent(interactions)
     async def fold(stream: Any) -> None:
         # One record at a time (batches from `take_events` hung across rebalances), acked by
-        # hand once the broker has everything it wrote: see `_ack_when_stored`.
+        # hand once the broker has everything it wrote (`streams/kafka_acks.py`).
         async for record in stream.noack().events():
             message = record.message
             if message.partition not in owned:
-                record.ack()  # fetched before a rebalance took the partition: its owner folds it
+                # Fetched before a rebalance took the partition: its new owner folds it.
+                acks.add(message.partition, record, [])
                 continue
             event = decode(_type_of(message.headers, message.value), message.value)
             part = partition(message.partition)
@@ -193,7 +196,7 @@ def create_app(
                     stored.append(state.send_changelog(message.partition, key.encode(), value))
             # else revoked while the signals were in flight: writing this state now could land
             # after the new owner restored and overwrite what it folds since.
-            _ack_when_stored(app, record, stored)
+            acks.add(message.partition, record, stored)
 
     async def tick() -> None:
         now = clock.now() - config.allowed_lateness
@@ -365,7 +368,7 @@ async def _publish(topic: Any, signals: list[Signal]) -> None:
 
 async def _dead_letter(
     topic: Any, partition: int, offset: int, event: Event, processor: str, exc: Exception
-) -> Awaitable[Any]:
+) -> asyncio.Future[Any]:
     """Sends the failed record to the dead-letter topic; returns the send's future."""
     # The reason names the exception type only: messages may quote the event's text.
     body = orjson.dumps(
@@ -379,37 +382,7 @@ async def _dead_letter(
             "event": event.model_dump(mode="json"),
         }
     )
-    return cast(Awaitable[Any], await topic.send(key=event.account_id.encode(), value=body))
-
-
-def _ack_when_stored(app: faust.App, record: Any, stored: list[Any]) -> None:
-    """Acks `record` once every write it caused is on the broker.
-
-    Faust commits a partition up to its first record not acked. With the default ack (when the
-    agent moves on) a commit could overtake the record's state: the changelog writes wait in
-    Faust's producer buffer, and the flush before a commit gives up after 0.1 s without
-    progress. A worker killed then had committed offsets its changelog did not cover, and the
-    worker taking over skipped records whose effect was lost (missing signals, seen in CI).
-    A write that fails leaves the record unacked and stops the worker: it is folded again.
-    """
-    if not stored:
-        record.ack()
-        return
-    left = len(stored)
-
-    def done(write: asyncio.Future[Any]) -> None:
-        nonlocal left
-        error = write.exception() if not write.cancelled() else asyncio.CancelledError()
-        if error is not None:
-            logger.error("a state write failed (%s): stopping", type(error).__name__)
-            _crashing.add(asyncio.ensure_future(app.crash(error)))
-            return
-        left -= 1
-        if left == 0:
-            record.ack()
-
-    for write in stored:
-        write.add_done_callback(done)
+    return cast(asyncio.Future[Any], await topic.send(key=event.account_id.encode(), value=body))
 
 
 def _type_of(headers: Any, body: bytes) -> str:

@@ -15,12 +15,11 @@ small JSON document under `part/<partition>`, written at once when a policy arri
 from, and replaying the records after the committed offset moves it on again.
 
 Exactly-once effect over an at-least-once consumer: the worker acks a record only once its
-changelog writes are on the broker (`faust_app._ack_when_stored`), and Faust commits no offset
-past a record not acked, so after a crash the state may be ahead of the committed offset but
-never behind. Each
-account remembers the last offset folded into it and skips records at or below it; the
-partition's own folds (watermark, policy) are idempotent. Signals re-derived while catching up
-carry the same identity and are deduplicated downstream.
+changelog writes are on the broker, in offset order (`streams/kafka_acks.py`), and Faust
+commits no offset past a record not acked, so after a crash the state may be ahead of the
+committed offset but never behind. Each account remembers the last offset folded into it and
+skips records at or below it; the partition's own folds (watermark, policy) are idempotent.
+Signals re-derived while catching up carry the same identity and are deduplicated downstream.
 
 Deadlines sit in one heap per partition, `(due, account)`, lazily invalidated and rebuilt from
 the accounts when the partition is assigned; no timer scans every account.

@@ -1,26 +1,26 @@
 """The Kafka fold acks a record (so Faust may commit its offset) only once the broker has every
-write the record caused; a failed write leaves it unacked and stops the worker."""
+write the record caused and every earlier record of its partition is acked; a failed write
+leaves it unacked and stops the worker."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
+from typing import Any
 
-import faust
-
-from loopservice.streams.faust_app import _ack_when_stored
+from loopservice.streams.kafka_acks import StoredAcks
 
 
 class Record:
-    def __init__(self) -> None:
-        self.acks = 0
+    def __init__(self, acked: list[str], name: str) -> None:
+        self.acked = acked
+        self.name = name
 
     def ack(self) -> bool:
-        self.acks += 1
+        self.acked.append(self.name)
         return True
 
 
-class App:
+class Worker:
     def __init__(self) -> None:
         self.crashed: list[BaseException] = []
 
@@ -28,38 +28,60 @@ class App:
         self.crashed.append(reason)
 
 
-def ack_when_stored(app: App, record: Record, stored: list[asyncio.Future[Any]]) -> None:
-    _ack_when_stored(cast(faust.App, app), record, cast(list[Any], stored))
+def writes(n: int) -> list[asyncio.Future[Any]]:
+    loop = asyncio.get_running_loop()
+    return [loop.create_future() for _ in range(n)]
+
+
+async def settle() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
 
 
 async def test_a_record_without_writes_is_acked_at_once() -> None:
-    record = Record()
-    ack_when_stored(App(), record, [])
-    assert record.acks == 1
+    acked: list[str] = []
+    StoredAcks(Worker().crash).add(0, Record(acked, "tick"), [])
+    assert acked == ["tick"]
 
 
 async def test_a_record_is_acked_once_after_its_last_write_lands() -> None:
-    loop = asyncio.get_running_loop()
-    writes: list[asyncio.Future[Any]] = [loop.create_future() for _ in range(3)]
-    record = Record()
-    ack_when_stored(App(), record, writes)
-    for write in writes[:2]:
+    acked: list[str] = []
+    pending = writes(3)
+    StoredAcks(Worker().crash).add(0, Record(acked, "a"), pending)
+    for write in pending[:2]:
         write.set_result(None)
-    await asyncio.sleep(0)
-    assert record.acks == 0, "acked while a write was still in flight"
-    writes[2].set_result(None)
-    await asyncio.sleep(0)
-    assert record.acks == 1
+    await settle()
+    assert acked == [], "acked while a write was still in flight"
+    pending[2].set_result(None)
+    await settle()
+    assert acked == ["a"]
 
 
-async def test_a_failed_write_leaves_the_record_unacked_and_stops_the_worker() -> None:
-    loop = asyncio.get_running_loop()
-    writes: list[asyncio.Future[Any]] = [loop.create_future() for _ in range(2)]
-    record, app = Record(), App()
-    ack_when_stored(app, record, writes)
-    writes[0].set_exception(ConnectionError("broker gone"))
-    writes[1].set_result(None)
-    for _ in range(3):
-        await asyncio.sleep(0)
-    assert record.acks == 0
-    assert [type(e) for e in app.crashed] == [ConnectionError]
+async def test_records_of_a_partition_are_acked_in_order_others_do_not_wait() -> None:
+    acked: list[str] = []
+    acks = StoredAcks(Worker().crash)
+    first, second = writes(1), writes(1)
+    acks.add(0, Record(acked, "p0 first"), first)
+    acks.add(0, Record(acked, "p0 tick"), [])  # nothing to write, but after `first`
+    acks.add(0, Record(acked, "p0 second"), second)
+    acks.add(1, Record(acked, "p1 tick"), [])
+    second[0].set_result(None)
+    await settle()
+    assert acked == ["p1 tick"]
+    first[0].set_result(None)
+    await settle()
+    assert acked == ["p1 tick", "p0 first", "p0 tick", "p0 second"]
+
+
+async def test_a_failed_write_leaves_its_partition_unacked_and_stops_the_worker() -> None:
+    acked: list[str] = []
+    worker = Worker()
+    acks = StoredAcks(worker.crash)
+    failing = writes(2)
+    acks.add(0, Record(acked, "a"), failing)
+    acks.add(0, Record(acked, "b"), [])
+    failing[0].set_exception(ConnectionError("broker gone"))
+    failing[1].set_result(None)
+    await settle()
+    assert acked == []
+    assert [type(e) for e in worker.crashed] == [ConnectionError]
