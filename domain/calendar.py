@@ -11,7 +11,9 @@ Monday 22:00-24:00 and Tuesday 00:00-06:00); each part belongs to the local date
 so a holiday on Tuesday closes Tuesday's part.
 
 Instants are handled as integer microseconds since the epoch, so `add` and `elapsed` are exact
-inverses down to the microsecond. Open intervals are cached per local date and per UTC day.
+inverses down to the microsecond (`add_us` and `elapsed_us` take and give them as such). Open
+intervals are cached per local date and per UTC day, and laid end to end with running totals
+(`_Line`), so `add` and `elapsed` are a bisection or two whatever the span.
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ def _merge(intervals: Iterable[Interval]) -> list[Interval]:
     return out
 
 
-def _to_us(at: datetime) -> int:
+def epoch_us(at: datetime) -> int:
+    """An aware instant as integer microseconds since the epoch (`add_us`, `elapsed_us`)."""
     # Event times are UTC (see `domain.events`): skip asking their zone for its offset.
     if at.tzinfo is not UTC and (at.tzinfo is None or at.utcoffset() is None):
         raise ValueError(f"naive datetime {at.isoformat()}: business time needs aware instants")
@@ -127,25 +130,103 @@ def _to_us(at: datetime) -> int:
     return (delta.days * _DAY + delta.seconds) * _US + delta.microseconds
 
 
-def _from_us(us: int) -> datetime:
+def from_epoch_us(us: int) -> datetime:
+    """The UTC datetime of integer microseconds since the epoch."""
     # Positional: `timedelta(microseconds=us)` costs three times as much (keyword parsing and
-    # float normalisation), and the SLA hot path makes one per deadline.
+    # float normalisation).
     return _EPOCH + timedelta(0, 0, us)
 
 
-class _Prefix:
-    """Running totals of open time over consecutive UTC days, so `add` can jump over whole
-    days with one bisection instead of walking them (a P4 resolution target spans weeks).
+class _Line:
+    """The open intervals of the consecutive UTC days [first, end) laid end to end, each with
+    the open time counted before it and by its end: the open time up to an instant, and the
+    instant by which some open time has passed, are one bisection each, so neither `add` nor
+    `elapsed` walks days. Intervals that meet (at UTC midnight) are joined. Counts run from an
+    arbitrary origin, so earlier days can be put in front without renumbering the rest.
 
-    `totals[i]` is the open microseconds in days [base, base + i); grown forward on demand.
+    A line the calendar holds is never changed: a longer one is built from a `copy` and put in
+    its place. Policies (and so calendars) are shared across threads — the embedded engine's
+    fold and the explain endpoint use the same cached default policy — and a reader in the
+    middle of a bisection must not see the lists grow, shift or be replaced under it.
     """
 
-    __slots__ = ("base", "closed_run", "totals")
+    __slots__ = ("after", "before", "closed_run", "end", "ends", "first", "hi", "lo", "origin",
+                 "starts", "total")  # fmt: skip
 
-    def __init__(self) -> None:
-        self.base: int | None = None
-        self.totals: list[int] = [0]
-        self.closed_run = 0  # closed days at the end of `totals`, to give up on a closed calendar
+    def __init__(self, day: int = 0) -> None:
+        self.first = self.end = day
+        self.lo = self.hi = day * _DAY_US  # the covered instants [lo, hi), epoch microseconds
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.before: list[int] = []  # open time counted by starts[i]
+        self.after: list[int] = []  # open time counted by ends[i]
+        self.origin = 0  # open time counted by the start of day `first`
+        self.total = 0  # open time counted by the start of day `end`
+        self.closed_run = 0  # closed days at the end, to give up on a calendar never open
+
+    def copy(self) -> _Line:
+        """A line with the same content, to extend before it replaces this one."""
+        line = _Line.__new__(_Line)
+        line.first, line.end, line.lo, line.hi = self.first, self.end, self.lo, self.hi
+        line.starts, line.ends = self.starts.copy(), self.ends.copy()
+        line.before, line.after = self.before.copy(), self.after.copy()
+        line.origin, line.total, line.closed_run = self.origin, self.total, self.closed_run
+        return line
+
+    def count(self, t: int) -> int:
+        """The open time counted by instant `t` (epoch microseconds within the covered days)."""
+        i = bisect.bisect_right(self.starts, t) - 1
+        if i < 0:
+            return self.origin
+        if t >= self.ends[i]:
+            return self.after[i]
+        return self.before[i] + t - self.starts[i]
+
+    def append(self, intervals: tuple[Interval, ...]) -> None:
+        """Puts the open intervals of day `end` at the end (of a line not yet published)."""
+        starts, ends, after = self.starts, self.ends, self.after
+        total = self.total
+        for a, b in intervals:
+            if ends and ends[-1] == a:
+                ends[-1] = b
+                after[-1] += b - a
+            else:
+                starts.append(a)
+                ends.append(b)
+                self.before.append(total)
+                after.append(total + b - a)
+            total += b - a
+        self.closed_run = 0 if total > self.total else self.closed_run + 1
+        self.total = total
+        self.end += 1
+        self.hi += _DAY_US
+
+    def prepend(self, days: list[tuple[Interval, ...]]) -> None:
+        """Puts the open intervals of the days just before `first` in front, earliest first
+        (of a line not yet published)."""
+        flat = [interval for intervals in days for interval in intervals]
+        origin = self.origin - sum(b - a for a, b in flat)
+        starts: list[int] = []
+        ends: list[int] = []
+        before: list[int] = []
+        after: list[int] = []
+        counted = origin
+        for a, b in [*flat, *zip(self.starts[:1], self.ends[:1], strict=True)]:
+            if ends and ends[-1] == a:
+                ends[-1] = b
+                after[-1] += b - a
+            else:
+                starts.append(a)
+                ends.append(b)
+                before.append(counted)
+                after.append(counted + b - a)
+            counted += b - a
+        # The old first interval went through the loop too (joined or not): replace it.
+        self.starts[:1], self.ends[:1] = starts, ends
+        self.before[:1], self.after[:1] = before, after
+        self.origin = origin
+        self.first -= len(days)
+        self.lo = self.first * _DAY_US
 
 
 @dataclass(frozen=True)
@@ -158,14 +239,20 @@ class BusinessCalendar:
     holiday_subdivision: str | None = None
     closed_dates: frozenset[date] = frozenset()
     _tz: ZoneInfo = field(init=False, repr=False, compare=False)
-    _holidays: Any = field(init=False, repr=False, compare=False)
+    _holidays: Any = field(init=False, repr=False, compare=False)  # the country checked
+    _holiday_years: dict[int, frozenset[date]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
     _local: dict[int, tuple[Interval, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
     _days: dict[int, tuple[Interval, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
-    _prefix: _Prefix = field(init=False, repr=False, compare=False, default_factory=_Prefix)
+    _line: _Line = field(init=False, repr=False, compare=False, default_factory=_Line)
+    # Business seconds asked for -> microseconds: the same few targets and warning fractions
+    # come back for clock after clock, and `round` costs more than the lookup.
+    _needs: dict[float, int] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         try:
@@ -223,99 +310,125 @@ class BusinessCalendar:
         Counting starts at `start`, or at the next opening when `start` is closed; for
         `seconds > 0` the instant just before the result is open. Result in UTC.
         """
-        if not 0 <= seconds < math.inf:  # also rejects NaN
-            raise ValueError(f"business seconds must be finite and >= 0, not {seconds}")
-        need = round(seconds * _US)
-        t = _to_us(start)
-        if need == 0:
-            return _from_us(t)
-        day = t // _DAY_US
-        # The rest of the starting day, interval by interval.
-        intervals = self._days.get(day)
-        if intervals is None:
-            intervals = self._utc_day(day)
-        for a, b in intervals:
-            if b <= t:
-                continue
-            lo = a if a > t else t
-            if need <= b - lo:
-                return _from_us(lo + need)
-            need -= b - lo
-        # Whole days after it: the first day by whose end the running total covers `need`.
-        day += 1
-        prefix = self._prefix
-        if prefix.base is None or not prefix.base <= day < prefix.base + len(prefix.totals) + 366:
-            # Start the totals afresh here rather than fill in a far stretch nobody asks about
-            # (replay moves forward in time, so this is rare).
-            prefix.base, prefix.totals, prefix.closed_run = day, [0], 0
-        totals = prefix.totals
-        first = day - prefix.base  # totals[first]: the open time before `day`
-        while len(totals) <= first:
-            self._grow(start)
-        goal = totals[first] + need
-        while totals[-1] < goal:
-            self._grow(start)
-        i = bisect.bisect_left(totals, goal, first + 1)  # the first i with totals[i] >= goal
-        day = prefix.base + i - 1
-        need = goal - totals[i - 1]
-        intervals = self._days.get(day)
-        if intervals is None:
-            intervals = self._utc_day(day)
-        for a, b in intervals:
-            if need <= b - a:
-                return _from_us(a + need)
-            need -= b - a
-        raise AssertionError("the running totals and the day's intervals disagree")
+        return from_epoch_us(self.add_us(epoch_us(start), seconds))
 
-    def _grow(self, start: datetime) -> None:
-        """Appends the next day's open time to the running totals."""
-        prefix = self._prefix
-        assert prefix.base is not None
-        day = prefix.base + len(prefix.totals) - 1
-        intervals = self._days.get(day)
-        if intervals is None:
-            intervals = self._utc_day(day)
-        open_us = sum(b - a for a, b in intervals)
-        prefix.closed_run = 0 if open_us else prefix.closed_run + 1
-        if prefix.closed_run > _MAX_CLOSED_DAYS:
-            raise ValueError(f"calendar {self.zone} has no open time after {start}")
-        prefix.totals.append(prefix.totals[-1] + open_us)
+    def add_us(self, start: int, seconds: float) -> int:
+        """`add` on instants given as integer microseconds since the epoch (what the SLA
+        clocks keep: making a datetime costs more than this arithmetic)."""
+        need = self._needs.get(seconds)
+        if need is None:
+            if not 0 <= seconds < math.inf:  # also rejects NaN
+                raise ValueError(f"business seconds must be finite and >= 0, not {seconds}")
+            need = round(seconds * _US)
+            if len(self._needs) >= 1024:  # paused clocks ask for arbitrary remainders
+                self._needs.clear()
+            self._needs[seconds] = need
+        if need == 0:
+            return start
+        line = self._line  # one line throughout: another thread may put a longer one in place
+        if not line.lo <= start < line.hi:
+            line = self._cover(start // _DAY_US, start // _DAY_US)
+        starts = line.starts
+        i = bisect.bisect_right(starts, start) - 1  # `line.count(start)`, inlined
+        if i < 0:
+            goal = line.origin + need
+        elif start >= line.ends[i]:
+            goal = line.after[i] + need
+        else:
+            goal = line.before[i] + start - starts[i] + need
+        if line.total < goal:
+            line = self._grow(line, goal, start)
+            starts = line.starts
+        i = bisect.bisect_left(line.after, goal)  # the first interval by whose end it is reached
+        return starts[i] + goal - line.before[i]
+
+    def _grow(self, line: _Line, goal: int, start: int) -> _Line:
+        """The line extended by whole days until it counts `goal`, now the calendar's; gives
+        up after years of closed days."""
+        line = line.copy()
+        while line.total < goal:
+            intervals = self._days.get(line.end)
+            if intervals is None:
+                intervals = self._utc_day(line.end)
+            line.append(intervals)
+            if line.closed_run > _MAX_CLOSED_DAYS:
+                raise ValueError(
+                    f"calendar {self.zone} has no open time after {from_epoch_us(start)}"
+                )
+        object.__setattr__(self, "_line", line)
+        return line
+
+    def _cover(self, first: int, last: int) -> _Line:
+        """A line over (at least) the UTC days [first, last], now the calendar's: the current
+        one extended, or a fresh one starting at `first` rather than fill in a far stretch
+        nobody asks about (replay moves forward in time, so this is rare)."""
+        line = self._line
+        if line.first == line.end or not line.first - 366 <= first <= line.end + 366:
+            line = _Line(first)
+        else:
+            line = line.copy()
+        if first < line.first:
+            line.prepend([self._days.get(d) or self._utc_day(d) for d in range(first, line.first)])
+        while line.end <= last:
+            intervals = self._days.get(line.end)
+            if intervals is None:
+                intervals = self._utc_day(line.end)
+            line.append(intervals)
+        object.__setattr__(self, "_line", line)
+        return line
 
     def elapsed(self, start: datetime, end: datetime) -> float:
         """Business seconds between two instants; 0 when `end <= start`."""
-        t0, t1 = _to_us(start), _to_us(end)
-        total = 0
-        for day in range(t0 // _DAY_US, (t1 - 1) // _DAY_US + 1) if t1 > t0 else ():
-            intervals = self._days.get(day)
-            if intervals is None:
-                intervals = self._utc_day(day)
-            for a, b in intervals:
-                lo = a if a > t0 else t0
-                hi = b if b < t1 else t1
-                if hi > lo:
-                    total += hi - lo
-        return total / _US
+        return self.elapsed_us(epoch_us(start), epoch_us(end))
+
+    def elapsed_us(self, t0: int, t1: int) -> float:
+        """`elapsed` between instants given as integer microseconds since the epoch."""
+        if t1 <= t0:
+            return 0.0
+        line = self._line  # one line throughout, as in `add_us`
+        if not line.lo <= t0 < t1 <= line.hi:
+            line = self._cover(t0 // _DAY_US, (t1 - 1) // _DAY_US)
+        return (line.count(t1) - line.count(t0)) / _US
 
     def segments(self, start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
         """The open intervals counted between two instants, in UTC, adjacent ones merged."""
-        t0, t1 = _to_us(start), _to_us(end)
+        t0, t1 = epoch_us(start), epoch_us(end)
         parts: list[Interval] = []
         for day in range(t0 // _DAY_US, (t1 - 1) // _DAY_US + 1) if t1 > t0 else ():
             for a, b in self._days.get(day) or self._utc_day(day):
                 lo, hi = max(a, t0), min(b, t1)
                 if hi > lo:
                     parts.append((lo, hi))
-        return [(_from_us(a), _from_us(b)) for a, b in _merge(parts)]
+        return [(from_epoch_us(a), from_epoch_us(b)) for a, b in _merge(parts)]
 
     def is_open(self, at: datetime) -> bool:
-        t = _to_us(at)
+        t = epoch_us(at)
         intervals = self._days.get(t // _DAY_US)
         if intervals is None:
             intervals = self._utc_day(t // _DAY_US)
         return any(a <= t < b for a, b in intervals)
 
     def is_holiday(self, day: date) -> bool:
-        return day in self.closed_dates or (self._holidays is not None and day in self._holidays)
+        if day in self.closed_dates:
+            return True
+        if self.holiday_country is None:
+            return False
+        found = self._holiday_years.get(day.year)
+        if found is None:
+            found = self._holidays_dated(self.holiday_country, day.year)
+        return day in found
+
+    def _holidays_dated(self, country: str, year: int) -> frozenset[date]:
+        """The holidays dated in `year`, from a table of their own rather than `_holidays`:
+        a `holidays` table fills in a year on its first lookup, and a thread that looks up
+        while another fills it in may miss a holiday (calendars are shared across threads;
+        see `_Line`). The years around it too, for an observed day moved across New Year."""
+        table = holidays_lib.country_holidays(
+            country, subdiv=self.holiday_subdivision, years=(year - 1, year, year + 1)
+        )
+        found = frozenset(day for day in table if day.year == year)
+        self._holiday_years[year] = found
+        return found
 
     def describe(self) -> str:
         """One line for humans, e.g. 'Europe/Berlin mon-fri 09:00-17:00, holidays DE/BY'."""

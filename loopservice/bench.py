@@ -294,14 +294,18 @@ def bench_sla(clocks: int, n_events: int, deliveries: int, window: float) -> Non
     stream = _case_events(n_cases, t0)
     gc.freeze()
     processor = SlaProcessor(RulesBook(default_policy(), policy_from_mapping))
-    start = time.perf_counter()
+    derived = 0
+    start, cpu_start = time.perf_counter(), time.process_time()
     watermark = t0
     for i, event in enumerate(stream):
-        processor.handle(event)
+        derived += len(processor.handle(event))
         if i % 100 == 0 and event.occurred_at > watermark:
             watermark = event.occurred_at
-            processor.advance(watermark)
+            derived += len(processor.advance(watermark))
     rate = len(stream) / (time.perf_counter() - start)
+    # The same loop per second of this process's CPU time: the wall-clock rate also counts
+    # whatever else the machine's cores were doing meanwhile.
+    cpu_rate = len(stream) / (time.process_time() - cpu_start)
 
     table = Table(title="SLA processor")
     table.add_column("measure")
@@ -312,6 +316,8 @@ def bench_sla(clocks: int, n_events: int, deliveries: int, window: float) -> Non
         "memory per open clock (incl. queue)", f"{used / open_clocks:,.0f} B", "≤ 1,024 B"
     )
     table.add_row("events/s through the SLA processor", f"{rate:,.0f}", "≥ 50,000")
+    table.add_row("  the same, per CPU second", f"{cpu_rate:,.0f}", "")
+    table.add_row(f"  signals derived from the {len(stream):,} events", f"{derived:,}", "")
     if deliveries:
         console.print(f"delivering {deliveries:,} breach alerts falling due over {window:g} s…")
         d = asyncio.run(measure_delivery(deliveries, window_s=window))

@@ -12,6 +12,7 @@ import orjson
 
 from loopservice.domain import case as case_model
 from loopservice.domain import sla
+from loopservice.domain.calendar import epoch_us, from_epoch_us
 from loopservice.domain.events import (
     AccountUpdated,
     CaseClosed,
@@ -77,26 +78,30 @@ class SlaProcessor:
         self.rules = rules
         self.cases: dict[tuple[str, str], sla.CaseClocks] = {}
         self.tiers: dict[tuple[str, str], Tier] = {}
-        self._queue: list[tuple[datetime, int, sla.Timer]] = []
+        self._queue: list[tuple[int, int, sla.Timer]] = []  # (epoch µs, order, timer)
         self._cached: dict[int, CachedRules] = {} if cache is None else cache
         self._seq = count()
         self._last: tuple[object, CachedRules] | None = None  # `_fast`'s latest answer
+        self._next_due: tuple[int, datetime] | None = None  # `next_due`'s latest answer
 
     def handle(self, event: Event) -> list[Signal]:
-        if isinstance(event, PolicyPublished):
+        # Exact classes, not `isinstance`: on a pydantic model a miss goes through `ABCMeta`,
+        # and every event would pay for several (the event types are final classes).
+        kind = type(event)
+        if type(event) is PolicyPublished:
             self.rules.publish(event)
             return []
-        if isinstance(event, AccountUpdated):
+        if type(event) is AccountUpdated:
             if event.tier is not None:
                 self.tiers[(event.tenant_id, event.account_id)] = event.tier
             return []
         if event.case_id is None:
             return []
         key = (event.tenant_id, event.case_id)
-        rules = self._fast(event.occurred_at)
-        if isinstance(event, CaseOpened):
+        if type(event) is CaseOpened:
             if key in self.cases:
                 return []
+            rules = self._fast(event.occurred_at)
             case = sla.open_case(event, self.tiers.get((event.tenant_id, event.account_id)), rules)
             self.cases[case.key] = case  # the case's own key tuple, which its timers share
             self._schedule(case, rules)
@@ -104,14 +109,20 @@ class SlaProcessor:
         case_clocks = self.cases.get(key)
         if case_clocks is None:
             return []
-        signals: list[Signal] = list(sla.fire_due_before(case_clocks, event.occurred_at, rules))
-        if signals:  # what follows the timers just fired (their queued entries will find them done)
+        rules = self._fast(event.occurred_at)
+        at = epoch_us(event.occurred_at)
+        signals: list[Signal] = []
+        fired = sla.fire_due_before(case_clocks, at, rules)
+        if fired:  # what follows the timers just fired (their queued entries will find them done)
+            signals += fired
             for clock in case_clocks.clocks.values():
                 following = sla.next_timer(case_clocks, clock, rules)
                 if following is not None:
-                    heapq.heappush(self._queue, (following.at, next(self._seq), following))
-        signals += sla.apply(case_clocks, event, rules)
-        if isinstance(event, CaseClosed | CaseMerged):
+                    heapq.heappush(self._queue, (following[0], next(self._seq), following))
+        retracted = sla.apply(case_clocks, event, rules, at)
+        if retracted:
+            signals += retracted
+        if kind is CaseClosed or kind is CaseMerged:
             del self.cases[key]  # resolved cases stay: a reopen restarts their clocks
         else:
             self._schedule(case_clocks, rules)
@@ -120,23 +131,32 @@ class SlaProcessor:
     def advance(self, watermark: datetime) -> list[Signal]:
         out: list[Signal] = []
         queue = self._queue
-        while queue and queue[0][0] <= watermark:
-            _, _, timer = heapq.heappop(queue)
-            case_clocks = self.cases.get(timer.case_key)
-            if case_clocks is None:
-                continue
-            signal = sla.fire(case_clocks, timer)
-            if signal is None:
+        if not queue:
+            return out
+        limit = epoch_us(watermark)
+        while queue and queue[0][0] <= limit:
+            timer = queue[0][2]
+            case_clocks = self.cases.get(timer[1])
+            signal = sla.fire(case_clocks, timer) if case_clocks is not None else None
+            if case_clocks is None or signal is None:
+                heapq.heappop(queue)
                 continue
             out.append(signal)
-            clock = case_clocks.clocks[timer.metric]
-            following = sla.next_timer(case_clocks, clock, self._fast(timer.at))
-            if following is not None:
-                heapq.heappush(queue, (following.at, next(self._seq), following))
+            clock = case_clocks.clocks[timer[2]]
+            following = sla.next_timer(case_clocks, clock, self._fast(signal.detected_at))
+            if following is None:
+                heapq.heappop(queue)
+            else:  # pop and push in one pass; the order of what follows is the same
+                heapq.heapreplace(queue, (following[0], next(self._seq), following))
         return out
 
     def next_due(self) -> datetime | None:
-        return self._queue[0][0] if self._queue else None
+        if not self._queue:
+            return None
+        at = self._queue[0][0]
+        if self._next_due is None or self._next_due[0] != at:  # asked after every record
+            self._next_due = (at, from_epoch_us(at))
+        return self._next_due[1]
 
     def _fast(self, at: datetime) -> sla.SlaRules:
         policy = self.rules.in_force(at)
@@ -207,9 +227,13 @@ class SlaProcessor:
         return sum(len(c.clocks) for c in self.cases.values())
 
     def _schedule(self, case_clocks: sla.CaseClocks, rules: sla.SlaRules) -> None:
-        for timer in sla.new_timers(case_clocks, rules):
-            heapq.heappush(self._queue, (timer.at, next(self._seq), timer))
-        if len(self._queue) > 16 and len(self._queue) > 4 * len(self.cases):
+        timers = sla.new_timers(case_clocks, rules)
+        if not timers:
+            return
+        queue = self._queue
+        for timer in timers:
+            heapq.heappush(queue, (timer[0], next(self._seq), timer))
+        if len(queue) > 16 and len(queue) > 4 * len(self.cases):
             self._compact()
 
     def _compact(self) -> None:
@@ -219,13 +243,14 @@ class SlaProcessor:
         heapq.heapify(self._queue)
 
     def _live(self, timer: sla.Timer) -> bool:
-        case_clocks = self.cases.get(timer.case_key)
-        clock = case_clocks.clocks.get(timer.metric) if case_clocks is not None else None
+        _, key, metric, cycle, kind, due = timer
+        case_clocks = self.cases.get(key)
+        clock = case_clocks.clocks.get(metric) if case_clocks is not None else None
         return (
             clock is not None
-            and clock.cycle == timer.cycle
-            and clock.due_at == timer.due_at
-            and timer.kind not in clock.fired
+            and clock.cycle == cycle
+            and clock.due == due
+            and kind not in clock.fired
         )
 
 

@@ -19,6 +19,12 @@ class AlwaysOpen:
     def segments(self, start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
         return [(start, end)] if end > start else []
 
+    def add_us(self, start: int, seconds: float) -> int:
+        return start + round(seconds * 1_000_000)
+
+    def elapsed_us(self, start: int, end: int) -> float:
+        return max(0, end - start) / 1_000_000
+
 
 @dataclass
 class FakeRules:

@@ -3,6 +3,9 @@ checked against a brute-force oracle that walks real UTC minutes."""
 
 from __future__ import annotations
 
+import random
+import sys
+import threading
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -192,6 +195,69 @@ def test_add_and_elapsed_are_inverse(cal: BusinessCalendar, start: datetime, d: 
         assert sum((b - a).total_seconds() for a, b in cal.segments(start, end)) == pytest.approx(
             d, abs=1e-6
         )
+
+
+@settings(max_examples=40, deadline=None)
+@given(queries=st.lists(st.tuples(instants, durations), min_size=2, max_size=10))
+def test_answers_do_not_depend_on_what_was_asked_before(
+    queries: list[tuple[datetime, float]],
+) -> None:
+    """The running totals are extended forwards, put in front or started afresh as queries
+    jump about (years apart, or back a day): none of that may show in an answer."""
+    shared = BusinessCalendar.build("Europe/Berlin", SPLIT, closed_dates=[date(2026, 3, 3)])
+    for start, d in queries:
+        fresh = BusinessCalendar.build("Europe/Berlin", SPLIT, closed_dates=[date(2026, 3, 3)])
+        end = start + timedelta(seconds=d)
+        assert shared.add(start, d) == fresh.add(start, d)
+        assert shared.elapsed(start, end) == fresh.elapsed(start, end)
+        assert shared.elapsed(start - timedelta(days=1), start) == fresh.elapsed(
+            start - timedelta(days=1), start
+        )
+
+
+def test_threads_sharing_a_calendar_get_the_answers_of_one_alone() -> None:
+    """Calendars are shared across threads (the embedded engine's fold and the explain
+    endpoint use the same cached default policy), and their caches fill in as they are asked:
+    the running totals and the holidays of a year. Threads asking at once, switched as often
+    as the interpreter allows, must each get what a calendar of their own answers."""
+    rng = random.Random(7)
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    queries = [
+        (base + timedelta(seconds=rng.randrange(900 * 86_400)), rng.choice((H, 8 * H, 200 * H)))
+        for _ in range(600)
+    ]
+
+    def calendar() -> BusinessCalendar:
+        return BusinessCalendar.build("Europe/Berlin", SPLIT, holiday_country="DE")
+
+    alone = calendar()
+    expected = {q: (alone.add(*q), alone.elapsed(q[0], q[0] + timedelta(days=3))) for q in queries}
+    shared = calendar()
+    got: list[tuple[tuple[datetime, float], tuple[datetime, float]]] = []
+    failures: list[BaseException] = []
+
+    def ask(order: list[tuple[datetime, float]]) -> None:
+        try:
+            for q in order:
+                got.append((q, (shared.add(*q), shared.elapsed(q[0], q[0] + timedelta(days=3)))))
+        except BaseException as exc:  # reported below: an exception in a thread is lost
+            failures.append(exc)
+
+    threads = [
+        threading.Thread(target=ask, args=(rng.sample(queries, len(queries)),)) for _ in range(4)
+    ]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failures
+    assert len(got) == 4 * len(queries)
+    assert [q for q, answer in got if answer != expected[q]] == []
 
 
 @settings(max_examples=100, deadline=None)
