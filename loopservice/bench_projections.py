@@ -17,6 +17,7 @@ stopped afterwards); without either it is skipped, saying why.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import socket
@@ -147,6 +148,7 @@ def measure(
             f"{label}: {name} rebuilt, {result.events:,} records in {result.seconds:.1f} s "
             f"= {result.rate:,.0f} events/s ({cpu:.1f} CPU s = "
             f"{result.events / cpu:,.0f} events per CPU second), checksum {result.checksum[:16]}"
+            f", load average {_load()}"
         )
         rates.append(f"{result.rate:,.0f} ({result.events / cpu:,.0f})")
     queries = ProjectionQueries(store, log, signals, policy)
@@ -168,7 +170,14 @@ def measure(
             if i >= 100:  # the first hundred warm the caches
                 latencies.append(elapsed * 1000)
     q = statistics.quantiles(latencies, n=100)
+    console.print(f"{label}: {requests:,} context reads timed, load average {_load()}")
     return [label, rates[0], rates[1], f"{q[49]:.2f}", f"{q[98]:.2f}"]
+
+
+def _load() -> str:
+    """The machine's load averages over 1, 5 and 15 minutes: on a shared machine the rates
+    and latencies depend on them."""
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 @click.command("projections")

@@ -116,7 +116,8 @@ class CasesFold:
             found = view.find("case", tenant, case_id)
             if found is None or found["opened_at"] is None:
                 return  # events of a case never opened stay out of the view
-            doc = view.doc("case", tenant, case_id, event["account_id"], at, dict)
+            doc = found
+            view.mark("case", tenant, case_id)
             self._evolve(doc, event, kind, at)
         if doc["last_event_at"] is None or at > doc["last_event_at"]:
             doc["last_event_at"] = at

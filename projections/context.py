@@ -208,7 +208,8 @@ class ContextFold:
             if summary is None:
                 return
         tenant, account_id = event["tenant_id"], event["account_id"]
-        doc = self.account(view, tenant, account_id)
+        doc = view.doc("account", tenant, account_id, account_id, account_id,
+                       lambda: _new_account(tenant, account_id))  # fmt: skip
         at = event_time(event["occurred_at"])
         if doc["first_seen_at"] is None:
             doc["first_seen_at"] = at

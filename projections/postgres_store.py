@@ -6,10 +6,13 @@ one transaction of one connection, so a killed writer leaves nothing half-applie
 rolls the open transaction back when its connection drops. Large batches (a rebuild) go in with
 binary COPY: timeline rows straight into their table, documents into a per-connection staging
 table and from there into theirs with one `INSERT … ON CONFLICT DO UPDATE`. A rebuild's
-timeline table gets its primary key in the transaction that switches reads over to it.
+timeline table gets its primary key before its last batch.
 
 Reads run in REPEATABLE READ, READ ONLY transactions (said in their BEGIN): one snapshot per
-query, as on SQLite.
+query, as on SQLite. A read of one statement (`query`, the context endpoint's) needs no
+transaction block for that: it runs on an autocommit connection of its own, one round trip.
+A rebuild's commits before its switch do not wait for the WAL flush (`synchronous_commit`
+off); the switch's does, and that flushes them too.
 A live commit reads its version row `FOR SHARE`, so a rebuild's switch and a live batch of
 the old version serialise instead of racing. Text columns use the "C" collation, whatever the
 cluster's locale, so orderings (and checksums) match SQLite's byte order.
@@ -20,16 +23,18 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
+from threading import Lock
 from typing import Any
 
 from eventsourcing.persistence import Tracking
 from eventsourcing.postgres import PostgresDatastore, PostgresTrackingRecorder
+from psycopg import Connection, IsolationLevel, OperationalError
 from psycopg import Cursor as PgCursor
-from psycopg import IsolationLevel
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.errors import UndefinedTable
 from psycopg.rows import TupleRow, tuple_row
 
-from loopservice.projections.store import Changes, Cursor, ProjectionStore
+from loopservice.projections.store import Changes, Cursor, ProjectionStore, StaleVersion
 
 _TEXT = 'TEXT COLLATE "C"'
 _TIMELINE_KEY = "PRIMARY KEY (tenant_id, key, at, log, position)"
@@ -79,6 +84,42 @@ def postgres_datastore(
     )
 
 
+class _ReadConnections:
+    """Autocommit connections for single-statement reads, kept idle between uses (at most
+    `keep`), opened when none is idle. No threads, no checks: see `query`."""
+
+    def __init__(self, conninfo: Any, kwargs: Any, keep: int = 4) -> None:
+        self._idle: list[Connection[TupleRow]] = []
+        self._lock = Lock()
+        self.conninfo = conninfo() if callable(conninfo) else conninfo or ""
+        given = kwargs() if callable(kwargs) else kwargs
+        self.kwargs = {**(given or {}), "autocommit": True, "row_factory": tuple_row}
+        self.keep = keep
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection[TupleRow]]:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = Connection.connect(self.conninfo, **self.kwargs)
+        try:
+            yield conn
+        finally:
+            with self._lock:
+                if conn.closed or conn.broken or len(self._idle) >= self.keep:
+                    conn.close()
+                else:
+                    self._idle.append(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    __del__ = close
+
+
 class PostgresProjectionStore(ProjectionStore):
     tracking_table = "proj_tracking"
     lock_current = " FOR SHARE"
@@ -87,6 +128,7 @@ class PostgresProjectionStore(ProjectionStore):
 
     def __init__(self, datastore: PostgresDatastore) -> None:
         self.datastore = datastore
+        self._reads = _ReadConnections(datastore.pool.conninfo, datastore.pool.kwargs)
         self.tracking = PostgresTrackingRecorder(datastore, tracking_table_name=self.tracking_table)
         self.tracking.create_table()
         self._setup()
@@ -96,10 +138,26 @@ class PostgresProjectionStore(ProjectionStore):
         return cls(postgres_datastore(url))
 
     def close(self) -> None:
+        self._reads.close()
         self.datastore.close()
 
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        # On connections of its own: the datastore's pool pings every connection it hands
+        # out (one more round trip) and each use is a transaction (two more). A connection
+        # that died meanwhile fails its statement and is dropped; the next one is new.
+        for attempt in (1, 2):
+            try:
+                with self._reads.connection() as conn:
+                    return conn.execute(_pg(sql), params).fetchall()
+            except UndefinedTable as e:
+                raise StaleVersion(str(e)) from e
+            except OperationalError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     @contextmanager
-    def _transaction(self, *, commit: bool) -> Iterator[Cursor]:
+    def _transaction(self, *, commit: bool, durable: bool = True) -> Iterator[Cursor]:
         with self.datastore.get_connection() as conn:
             # A read's snapshot mode goes in its BEGIN (one round trip fewer than SET
             # TRANSACTION after it); the pooled connection is put back as it was, since
@@ -112,6 +170,8 @@ class PostgresProjectionStore(ProjectionStore):
                     conn.transaction(force_rollback=not commit),
                     conn.cursor(row_factory=tuple_row) as raw,
                 ):
+                    if not durable:  # the next durable commit flushes it too
+                        raw.execute("SET LOCAL synchronous_commit TO OFF")
                     yield _PgSql(raw)
             finally:
                 if not commit and not conn.closed:
@@ -130,7 +190,7 @@ class PostgresProjectionStore(ProjectionStore):
         )
         if not building:
             self._index_docs(c, docs)
-        # A rebuild's timeline gets its key when it switches over (`_finish`): built once from
+        # A rebuild's timeline gets its key before its last batch (`_finish`): built once from
         # the whole table, not kept up row by row, it costs a third less.
         c.execute(
             f"CREATE TABLE IF NOT EXISTS {timeline} (tenant_id {_TEXT}, key {_TEXT}, "

@@ -8,6 +8,7 @@ same fold, in memory, so the answer is what the context was at that event time.
 from __future__ import annotations
 
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -24,11 +25,23 @@ from loopservice.projections.context import (
     render_context,
 )
 from loopservice.projections.records import utc
-from loopservice.projections.store import Cursor, ProjectionStore, memory_view
+from loopservice.projections.store import Cursor, ProjectionStore, StaleVersion, memory_view
 
 CONTEXT_TIMELINE = 50
 CASE_TIMELINE = 100
 _LINK_FIELDS = ("case_id", "topic", "opened_at", "lifecycle", "resolution_code", "priority")
+
+# An account's context in one statement: the current version's number with the document of the
+# version named (absent: NULL), and that version's latest timeline entries (rows whose first
+# column is NULL). The caller orders the entries: a UNION's order is not promised.
+_CONTEXT = (
+    "SELECT v.version, d.doc, NULL, NULL, NULL FROM proj_versions v "
+    "LEFT JOIN {docs} d ON d.kind = 'account' AND d.tenant_id = ? AND d.key = ? "
+    "WHERE v.name = 'context' "
+    "UNION ALL SELECT * FROM (SELECT CAST(NULL AS INTEGER), entry, at, log, position "
+    "FROM {timeline} WHERE tenant_id = ? AND key = ? "
+    "ORDER BY at DESC, log DESC, position DESC LIMIT ?) t"
+)
 
 
 class ProjectionQueries:
@@ -43,6 +56,7 @@ class ProjectionQueries:
         self.interactions = interactions
         self.signals = signals
         self.default_policy = default_policy
+        self._versions: dict[str, int] = {}  # the version of a view last seen current
 
     def _tables(self, c: Cursor, name: str) -> tuple[str, str] | None:
         c.execute("SELECT version FROM proj_versions WHERE name=?", (name,))
@@ -78,16 +92,46 @@ class ProjectionQueries:
     def account_context(
         self, tenant: str, account_id: str, timeline_limit: int = CONTEXT_TIMELINE
     ) -> dict[str, Any] | None:
-        """The account's context and its latest timeline entries, newest first."""
-        with self.store.reading() as c:
-            tables = self._tables(c, "context")
-            if tables is None:
+        """The account's context and its latest timeline entries, newest first.
+
+        One statement (`ProjectionStore.query`: one snapshot, on PostgreSQL one round trip)
+        reads the document and the entries of the version last seen current, and the version
+        that is current now; when a rebuild has switched since, it reads the new one.
+        """
+        for _ in range(3):
+            version = self._versions.get("context") or self._current("context")
+            if version is None:
                 return None
-            doc = self._doc(c, tables[0], "account", tenant, account_id)
+            docs, timeline = self.store.tables("context", version)
+            try:
+                rows = self.store.query(
+                    _CONTEXT.format(docs=docs, timeline=timeline),
+                    (tenant, account_id, tenant, account_id, timeline_limit),
+                )
+            except StaleVersion:  # its tables are gone
+                rows = []
+            current = next((r[0] for r in rows if r[0] is not None), None)
+            if current != version:
+                self._versions.pop("context", None)
+                continue
+            doc = next(r[1] for r in rows if r[0] is not None)
             if doc is None:
                 return None
-            timeline = self._timeline(c, tables[1], tenant, account_id, timeline_limit, 0, True)
-        return {"context": render_context(doc), "timeline": timeline, "as_of": None}
+            latest = sorted((r for r in rows if r[0] is None), key=itemgetter(2, 3, 4))
+            entries = [orjson.loads(r[1]) for r in reversed(latest)]
+            return {
+                "context": render_context(orjson.loads(doc)),
+                "timeline": entries,
+                "as_of": None,
+            }
+        raise StaleVersion("the context projection keeps switching versions")
+
+    def _current(self, name: str) -> int | None:
+        """The current version of `name`, remembered for the next read."""
+        version = self.store.current_version(name)
+        if version is not None:
+            self._versions[name] = version
+        return version
 
     def accounts(self, tenant: str, limit: int = 50, offset: int = 0) -> dict[str, Any]:
         with self.store.reading() as c:

@@ -24,8 +24,16 @@ from loopservice.infra.sqlite_log import decode_interaction
 
 Record = dict[str, Any]
 
+
+def _parsed(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The names as orjson's parser returns them: it hands out the same string object for a
+    key it has seen (its key cache), so comparing a record's keys with these mostly compares
+    identities, not characters (a sixth of `event_json`'s time otherwise)."""
+    return tuple(orjson.loads(orjson.dumps(dict.fromkeys(names))))
+
+
 _FIELDS: dict[str, tuple[str, ...]] = {
-    topic: tuple(model.model_fields) for topic, model in EVENT_MODELS.items()
+    topic: _parsed(tuple(model.model_fields)) for topic, model in EVENT_MODELS.items()
 }
 
 
@@ -44,9 +52,11 @@ def event_time(at: str) -> str:
     """A record's time as the model's `isoformat()` writes it: `…+00:00` for `…Z`, and no
     fraction when it is zero."""
     n = len(at)
-    if at[n - 1 : n] == "Z" and at[10:11] == "T":
-        if n == 20 or (n == 27 and at[19] == "." and at[20:26] != "000000"):
-            return at[: n - 1] + "+00:00"
+    # Indexing by position, not slicing: a one-character string is a cached object.
+    if n == 20 and at[19] == "Z" and at[10] == "T":
+        return at[:19] + "+00:00"
+    if n == 27 and at[26] == "Z" and at[10] == "T" and at[19] == "." and at[20:26] != "000000":
+        return at[:26] + "+00:00"
     return utc(at).isoformat()
 
 

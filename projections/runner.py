@@ -12,7 +12,10 @@ the policy in force.
 `rebuild(name)` folds the whole log into version n+1 of the tables while reads keep answering
 from version n, and flips the current version in the transaction of its last batch. It runs
 the same steps, with larger batches, and commits each one on a writer thread while the next
-one folds (`_Writer`); live steps commit in place.
+one folds (`_Writer`); live steps commit in place. A rebuild's batches write timeline rows
+only: its documents stay cached (or `cold`, see `store.View`) and go out once, with the
+tables' indexes, while the last batch folds (`_finish`). Its positions are recorded by that
+last batch: a rebuild killed before it leaves tables that claim nothing, never resumed.
 """
 
 from __future__ import annotations
@@ -35,7 +38,13 @@ from loopservice.projections.cases import CasesFold
 from loopservice.projections.context import INTERACTIONS, SIGNALS, ContextFold
 from loopservice.projections.knowledge import KnowledgeFold
 from loopservice.projections.maturity import MaturityFold
-from loopservice.projections.store import ProjectionStore, StaleVersion, View, fresh_view
+from loopservice.projections.store import (
+    Changes,
+    ProjectionStore,
+    StaleVersion,
+    View,
+    building_view,
+)
 from loopservice.projections.trends import TrendsFold
 
 logger = logging.getLogger(__name__)
@@ -161,6 +170,7 @@ class ProjectionRunner:
         batch: int = 5000,
         rebuild_batch: int = 50_000,
         max_cached: int = 200_000,
+        max_cold: int | None = None,
     ) -> None:
         self.store = store
         self.interactions = interactions
@@ -169,6 +179,9 @@ class ProjectionRunner:
         self.batch = batch
         self.rebuild_batch = rebuild_batch
         self.max_cached = max_cached
+        # A rebuild's documents dropped from the cache, kept as their JSON text (a third of
+        # the memory) so that reading one back costs no query: see `View`.
+        self.max_cold = max_cached if max_cold is None else max_cold
         self._live: dict[str, _Live] = {}
 
     # --- following the logs --------------------------------------------------------------
@@ -228,11 +241,16 @@ class ProjectionRunner:
             step.scanned[log] = stop - start + 1
         changed = {log: positions[log] + n for log, n in step.scanned.items()}
         if changed or mode == "switch":
-            recent = set(view.dirty)
-            changes, version = view.take(), live.version
+            changes, version = view.take(everything=mode != "build"), live.version
+            # A version being built records its positions with its last batch only.
+            tracked = changed
+            if mode == "switch":
+                tracked = {log: n for log, n in (positions | changed).items() if n}
+            elif mode == "build":
+                tracked = {}
 
             def commit() -> None:
-                self.store.commit(fold.name, version, changes, changed, mode=mode)
+                self.store.commit(fold.name, version, changes, tracked, mode=mode)
 
             try:
                 if writer is None:
@@ -244,15 +262,29 @@ class ProjectionRunner:
                 self._live.pop(name, None)
                 raise
             positions.update(changed)
-            if len(view.docs) > self.max_cached:
-                if writer is not None:
-                    writer.wait()
-                # Committed, so the tables hold every cached document: read them back on use.
-                # The batch's own documents are the likeliest to be needed next (open cases,
-                # active accounts): they stay, unless they alone overflow the cache.
-                view.load = self.store.loader(fold.name, version)
-                view.forget(keep=recent if len(recent) <= self.max_cached // 2 else ())
+            self._trim(live, writer)
         return step
+
+    def _trim(self, live: _Live, writer: _Writer | None) -> None:
+        """Keeps the cache within `max_cached` documents and a rebuild's cold ones within
+        `max_cold`, dropping the ones cached longest first."""
+        view = live.view
+        if len(view.docs) > self.max_cached:
+            if writer is not None and not view.write_back:
+                writer.wait()  # the documents dropped are read back from the tables
+            view.evict(self.max_cached)
+        if len(view.cold) > self.max_cold:
+            rows = view.drop_cold(self.max_cold)
+            if writer is not None:
+                writer.wait()  # in order, and before the view reads them back
+            self.store.commit(live.fold.name, live.version, Changes(rows, []), {}, mode="build")
+
+    def _finish(self, name: str, live: _Live, writer: _Writer) -> None:
+        """Writes back every document a rebuild has changed so far and completes its tables
+        (indexes), in a commit of its own while the last batch folds: the transaction that
+        switches over then holds one batch, and keeps the log's writers waiting no longer."""
+        changes, version = live.view.take(everything=True), live.version
+        writer.submit(lambda: self.store.commit(name, version, changes, {}, mode="finish"))
 
     def heads(self) -> dict[str, int]:
         return {INTERACTIONS: self.interactions.head(), SIGNALS: self.signals.head()}
@@ -307,9 +339,11 @@ class ProjectionRunner:
         old = self.store.current_version(name)
         version = max([*self.store.versions(name), old or 0]) + 1
         self.store.prepare(name, version)
-        # The new tables start empty and this view is their only writer: it looks up only the
-        # documents it has written and dropped from its cache (see `_step`).
-        live = _Live(self.factories[name](), version, fresh_view(), {INTERACTIONS: 0, SIGNALS: 0})
+        # The new tables start empty and this view is their only writer: it writes each
+        # document once, before the last batch, and looks up only those it has written out
+        # early to keep its memory bounded (see `View`, `_trim`).
+        view = building_view(self.store.loader(name, version))
+        live = _Live(self.factories[name](), version, view, {INTERACTIONS: 0, SIGNALS: 0})
         started, cpu_started = time.perf_counter(), time.process_time()
         scanned = 0
         # The cached documents are long-lived, and the collector's passes would walk them
@@ -325,6 +359,8 @@ class ProjectionRunner:
                 remaining = sum(heads[log] - live.positions[log] for log in heads)
                 last = remaining <= self.rebuild_batch
                 mode = "switch" if last else "build"
+                if last:
+                    self._finish(name, live, writer)
                 step = self._step(
                     name, live, heads, mode=mode, batch=self.rebuild_batch, writer=writer
                 )

@@ -15,12 +15,14 @@ upsert only moves a position forward (`WHERE notification_id < new`), so re-appl
 already committed fails the whole transaction instead of counting twice.
 
 `proj_versions` holds the version reads use; a rebuild fills version n+1 beside it and its last
-batch flips the row in the same transaction (see `projections.runner`).
+batch flips the row in the same transaction (see `projections.runner`). A read of one
+statement (`query`) may name the tables of the version it last saw current and read the
+current version in the same statement, to learn when it must look again.
 
-A batch's rows go in row by row, or in bulk from `bulk_rows` rows of a table on: on SQLite as
-one statement over a JSON array of them (run by SQLite without Python's lock, so a rebuild's
-writer thread and its folding thread share no lock), on PostgreSQL with COPY. Both store the
-same bytes (tests/test_projections.py holds them to it).
+A batch's rows go in on SQLite as statements of many rows each (bound in C and run without
+Python's lock, so a rebuild's writer thread and its folding thread hardly share it), on
+PostgreSQL row by row or, from `bulk_rows` rows of a table on, with COPY. Both store the same
+bytes (tests/test_projections.py holds them to it).
 
 `ProjectionStore` holds all of that once; a backend supplies its transactions, its table DDL,
 its bulk writes and its tracking recorder: `SQLiteProjectionStore` here, and
@@ -35,13 +37,16 @@ from __future__ import annotations
 import hashlib
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import chain, islice
+from operator import itemgetter
 from typing import Any, Protocol
 
 import orjson
-from eventsourcing.persistence import Tracking
+from eventsourcing.persistence import OperationalError, Tracking
 from eventsourcing.sqlite import SQLiteCursor, SQLiteDatastore, SQLiteTrackingRecorder
 
 Doc = dict[str, Any]
@@ -85,12 +90,27 @@ class View:
     """A projection's working set: documents loaded on first use, changes kept until commit.
 
     Folds call `doc(...)` (which marks the document changed) and `add(...)`; the runner
-    `take()`s the changes and commits them, keeping the loaded documents as a cache.
+    `take()`s the changes and commits them, keeping the loaded documents as a cache, and
+    `evict`s the ones cached longest when it grows too large.
+
+    A view that fills a new version (`write_back`, a rebuild) writes each changed document
+    once, at `take(everything=True)`, instead of after every batch that changed it. A
+    document it evicts goes to `cold` as the row that will be written: its JSON text, a third
+    of the memory, and reading it back costs a parse instead of a query (on PostgreSQL, a
+    round trip). The runner writes the oldest cold rows out when there are too many of them
+    (`drop_cold`); from then on those documents are read from the tables.
     """
 
     load: Callable[[str, str, str], tuple[str, str, Doc] | None]
-    docs: dict[DocKey, _Cached] = field(default_factory=dict)
-    dirty: set[DocKey] = field(default_factory=set)
+    write_back: bool = False
+    docs: dict[DocKey, _Cached] = field(default_factory=dict)  # first cached first
+    touched: set[DocKey] = field(default_factory=set)  # changed since the last `take`
+    recent: set[DocKey] = field(default_factory=set)  # changed before the last `take`
+    unwritten: set[DocKey] = field(default_factory=set)  # write_back: changed, not yet taken
+    cold: dict[DocKey, DocRow] = field(default_factory=dict)  # write_back: evicted, not taken
+    # The cold rows the last `take(everything=True)` returned: their commit may still be
+    # under way, so a document among them is read from here.
+    taken: dict[DocKey, DocRow] = field(default_factory=dict)
     rows: list[TimelineRow] = field(default_factory=list)
     # Keys looked up and not found: the view is its tables' only writer, so they stay absent
     # until `doc` creates them (a fold often asks `find` and then `doc` for a new key).
@@ -100,6 +120,10 @@ class View:
     known: set[DocKey] | None = None
 
     def _load(self, k: DocKey) -> tuple[str, str, Doc] | None:
+        row = self.cold.pop(k, None) or self.taken.pop(k, None)
+        if row is not None:
+            self.unwritten.add(k)  # back in the cache: written again, like any change
+            return row[3], row[4], orjson.loads(row[5])
         if k in self.missing or (self.known is not None and k not in self.known):
             return None
         return self.load(*k)
@@ -120,7 +144,7 @@ class View:
             else:
                 cached = _Cached(*found)
             self.docs[k] = cached
-        self.dirty.add(k)
+        self.touched.add(k)
         return cached.doc
 
     def find(self, kind: str, tenant: str, key: str) -> Doc | None:
@@ -135,6 +159,10 @@ class View:
             cached = self.docs[k] = _Cached(*found)
         return cached.doc
 
+    def mark(self, kind: str, tenant: str, key: str) -> None:
+        """Marks a document `find` returned as changed (as `doc` would, with one lookup less)."""
+        self.touched.add((kind, tenant, key))
+
     def loading(self) -> AbstractContextManager[object]:
         """Where the documents a batch looks up are read: one read transaction of the
         store's (see `Loader.session`), when the view reads a store."""
@@ -147,29 +175,68 @@ class View:
     def add(self, tenant: str, key: str, at: str, log: str, position: int, entry: Doc) -> None:
         self.rows.append((tenant, key, at, log, position, dump(entry)))
 
-    def take(self) -> Changes:
-        """The changes since the last `take`, ready to write (the documents as JSON text)."""
-        docs = self.docs
-        changed = [
-            (k[0], k[1], k[2], d.account_id, d.sort, dump(d.doc))
-            for k in sorted(self.dirty)
-            for d in (docs[k],)
-        ]
+    def take(self, *, everything: bool = False) -> Changes:
+        """The changes since the last `take`, ready to write (the documents as JSON text).
+
+        With `write_back`, only the timeline rows, unless `everything`: then also every
+        document changed since the last such `take`, cached or cold."""
+        docs, touched = self.docs, self.touched
+        self.recent, self.touched = touched, set()
+        changed: list[DocRow] = []
+        if self.write_back and not everything:
+            self.unwritten |= touched
+        else:
+            write, self.unwritten = self.unwritten | touched, set()
+            # Most of the cache (a rebuild's flush): in its order, roughly that in memory.
+            found = (
+                ((k, d) for k, d in docs.items() if k in write)
+                if 2 * len(write) > len(docs)
+                else ((k, docs[k]) for k in write)
+            )
+            changed = [(*k, d.account_id, d.sort, dump(d.doc)) for k, d in found]
+            changed += self.cold.values()
+            self.taken, self.cold = self.cold, {}
         rows, self.rows = self.rows, []
-        self.dirty.clear()
-        return Changes(changed, rows)
+        return Changes(in_key_order(changed), rows)
 
-    def clear(self) -> None:
-        self.dirty.clear()
-        self.rows.clear()
+    def evict(self, keep: int) -> None:
+        """Drops the documents cached longest until `keep` are left; with `write_back`, to
+        `cold`. Call it after a `take` whose changes are committed (or, with `write_back`,
+        submitted)."""
+        excess = len(self.docs) - keep
+        if excess <= 0:
+            return
+        # The last batch's documents are the likeliest to be needed next (open cases, active
+        # accounts): they stay, unless they alone would fill half the cache.
+        recent = self.recent if len(self.recent) <= keep // 2 else set()
+        victims = list(islice((k for k in self.docs if k not in recent), excess))
+        for k in victims:
+            cached = self.docs.pop(k)
+            if self.write_back:
+                self.cold[k] = (*k, cached.account_id, cached.sort, dump(cached.doc))
+                self.unwritten.discard(k)
 
-    def forget(self, keep: Iterable[DocKey] = ()) -> None:
-        """Drops the cached documents but those in `keep` (which must be committed)."""
-        kept = {k: self.docs[k] for k in keep if k in self.docs}
-        self.docs.clear()
-        self.docs.update(kept)
-        self.missing.clear()
-        self.clear()
+    def drop_cold(self, keep: int) -> list[DocRow]:
+        """The oldest `cold` rows beyond `keep`, dropped: the caller writes them and lets
+        the commit finish before the view looks anything up, since the tables are where
+        they are read from now on."""
+        excess = list(islice(self.cold, max(0, len(self.cold) - keep)))
+        return in_key_order([self.cold.pop(k) for k in excess])
+
+    def forget(self) -> None:
+        """Drops every cached document and change (after a failed commit)."""
+        for tier in (self.docs, self.cold, self.taken, self.unwritten, self.touched,
+                     self.recent, self.missing, self.rows):  # fmt: skip
+            tier.clear()
+
+
+def in_key_order(docs: list[DocRow]) -> list[DocRow]:
+    """`docs` sorted by kind, tenant and key, in place: SQLite writes rows in key order
+    several times faster. Two stable passes, by key, then by kind and tenant: comparing
+    whole rows took twice as long (0.7 s for a rebuild's 243k documents)."""
+    docs.sort(key=itemgetter(2))
+    docs.sort(key=itemgetter(0, 1))
+    return docs
 
 
 def _no_docs(kind: str, tenant: str, key: str) -> None:
@@ -181,10 +248,10 @@ def memory_view() -> View:
     return View(_no_docs)
 
 
-def fresh_view() -> View:
-    """A view of tables it fills from empty (a rebuild): nothing to look up until the runner
-    drops cached documents, and then only the keys it has written."""
-    return View(_no_docs, known=set())
+def building_view(load: Callable[[str, str, str], tuple[str, str, Doc] | None]) -> View:
+    """A view of tables it fills from empty (a rebuild), writing back: nothing to look up
+    but the keys it has written and dropped from its cache and `cold` (`load` reads them)."""
+    return View(load, write_back=True, known=set())
 
 
 class Loader:
@@ -249,9 +316,11 @@ class ProjectionStore:
     lock_current = ""  # appended to the version read of a commit (row lock where supported)
     table_options = ""
     text = "CAST(%s AS TEXT)"  # a stored JSON document (a BLOB) read as text
-    bulk_rows = 1000  # rows of one table in a batch from which `_write` goes in bulk
+    bulk_rows = 1000  # rows of one table in a batch from which `_write` goes in bulk (PG)
 
-    def _transaction(self, *, commit: bool) -> AbstractContextManager[Cursor]:
+    def _transaction(self, *, commit: bool, durable: bool = True) -> AbstractContextManager[Cursor]:
+        """A transaction; one not `durable` commits without waiting for the disk (it may be
+        lost in a power cut, never half applied: a later durable commit makes it durable)."""
         raise NotImplementedError
 
     def _track(self, c: Cursor, tracking: Tracking) -> None:
@@ -264,9 +333,10 @@ class ProjectionStore:
         raise NotImplementedError
 
     def _finish(self, c: Cursor, name: str, version: int) -> None:
-        """Completes a rebuilt version's tables, in the transaction that makes it current: the
-        listing indexes of its documents, built once from the whole table rather than kept up
-        through every batch (the lookups of a rebuild use only the primary key)."""
+        """Completes a rebuilt version's tables before its last batch: the listing indexes of
+        its documents and the key of its timeline, built once from the whole table rather
+        than kept up through every batch (the lookups of a rebuild use only the documents'
+        primary key)."""
         self._index_docs(c, self.tables(name, version)[0])
 
     @staticmethod
@@ -363,14 +433,17 @@ class ProjectionStore:
         """Writes a batch's changes and the new positions in one transaction.
 
         `mode` "live" raises `StaleVersion` (nothing written) unless `version` is current;
-        "build" writes a version that is not current yet (a rebuild); "switch" also makes
-        `version` current in the same transaction.
+        "build" writes a version that is not current yet (a rebuild); "finish" also completes
+        its tables (`_finish`), before its last batch; "switch" also makes `version` current
+        in the same transaction.
         """
         docs, timeline = self.tables(name, version)
-        with self._transaction(commit=True) as c:
+        # A version being built is nobody's until the switch, which is durable: a batch
+        # before it need not wait for the disk (a power cut leaves a rebuild to do again).
+        durable = mode not in ("build", "finish")
+        with self._transaction(commit=True, durable=durable) as c:
             current = self._current(c, name, self.lock_current)
             if mode == "switch":
-                self._finish(c, name, version)
                 c.execute(
                     "INSERT INTO proj_versions VALUES (?, ?) "
                     "ON CONFLICT (name) DO UPDATE SET version=excluded.version",
@@ -379,6 +452,8 @@ class ProjectionStore:
             elif mode == "live" and current is not None and current != version:
                 raise StaleVersion(f"{name} v{version} is no longer current (v{current} is)")
             self._write(c, docs, timeline, changes)
+            if mode == "finish":  # after the rows it indexes: built once, not kept up
+                self._finish(c, name, version)
             for log, position in positions.items():
                 self._track(c, Tracking(self.tracker(name, version, log), position))
 
@@ -387,6 +462,12 @@ class ProjectionStore:
         """One read transaction: a consistent snapshot for a query."""
         with self._transaction(commit=False) as c:
             yield c
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The rows of one statement, which reads one snapshot on either backend (on
+        PostgreSQL without a transaction block around it: one round trip). Raises
+        `StaleVersion` when a table it names is gone (a rebuild dropped it)."""
+        raise NotImplementedError
 
     def checksum(self, name: str, version: int | None = None) -> str:
         """sha256 over a canonical dump of a version's tables (the current one by default)."""
@@ -411,10 +492,10 @@ class ProjectionStore:
         return digest.hexdigest()
 
 
-_FROM_JSON = (
-    " SELECT value->>0, value->>1, value->>2, value->>3, value->>4, CAST(value->>5 AS BLOB) "
-    "FROM json_each(?)"
-)
+@lru_cache(maxsize=64)
+def _values(insert: str, n: int) -> str:
+    """`insert` of `n` rows of six values, the JSON text last (stored as a BLOB)."""
+    return insert + ",".join(["(?, ?, ?, ?, ?, CAST(? AS BLOB))"] * n)
 
 
 class SQLiteProjectionStore(ProjectionStore):
@@ -429,11 +510,20 @@ class SQLiteProjectionStore(ProjectionStore):
         self._setup()
 
     @contextmanager
-    def _transaction(self, *, commit: bool) -> Iterator[Cursor]:
-        with self.datastore.transaction(commit=commit) as c:
-            raw = c.sqlite_cursor
-            raw.row_factory = None  # plain tuples, not the datastore's `sqlite3.Row`s
-            yield raw
+    def _transaction(self, *, commit: bool, durable: bool = True) -> Iterator[Cursor]:
+        with self.datastore.get_connection(commit=commit) as conn, ExitStack() as stack:
+            if not durable:
+                # WAL mode: the commit is appended to the log file without an fsync; a
+                # checkpoint syncs that file first, and so does any later commit at the
+                # connection's own level (the log's appends: FULL), which it precedes.
+                sqlite = conn._sqlite_conn
+                level = sqlite.execute("PRAGMA synchronous").fetchone()[0]
+                sqlite.execute("PRAGMA synchronous=NORMAL")
+                stack.callback(sqlite.execute, f"PRAGMA synchronous={int(level)}")
+            with conn.transaction(commit=commit) as c:
+                raw = c.sqlite_cursor
+                raw.row_factory = None  # plain tuples, not the datastore's `sqlite3.Row`s
+                yield raw
 
     def _track(self, c: Cursor, tracking: Tracking) -> None:
         assert isinstance(c, sqlite3.Cursor)
@@ -446,30 +536,57 @@ class SQLiteProjectionStore(ProjectionStore):
             "account_id TEXT, sort TEXT, doc BLOB, PRIMARY KEY (kind, tenant_id, key)) "
             "WITHOUT ROWID"
         )
-        if not building:
-            self._index_docs(c, docs)
+        # The timeline in rowid order with its key in an index: a rebuild appends its rows
+        # and builds the index once (`_finish`), about half the work of inserting every
+        # row into a table ordered by account and time (and of writing those pages again).
         c.execute(
             f"CREATE TABLE IF NOT EXISTS {timeline} (tenant_id TEXT, key TEXT, at TEXT, "
-            "log TEXT, position INTEGER, entry BLOB, "
-            "PRIMARY KEY (tenant_id, key, at, log, position)) WITHOUT ROWID"
+            "log TEXT, position INTEGER, entry BLOB)"
+        )
+        if not building:
+            self._index_docs(c, docs)
+            self._index_timeline(c, timeline)
+
+    def _finish(self, c: Cursor, name: str, version: int) -> None:
+        super()._finish(c, name, version)
+        self._index_timeline(c, self.tables(name, version)[1])
+
+    @staticmethod
+    def _index_timeline(c: Cursor, timeline: str) -> None:
+        c.execute(
+            f"CREATE UNIQUE INDEX IF NOT EXISTS {timeline}_key ON {timeline} "
+            "(tenant_id, key, at, log, position)"
         )
 
     def _write(self, c: Cursor, docs: str, timeline: str, changes: Changes) -> None:
         assert isinstance(c, sqlite3.Cursor)
         for rows, insert in (
-            (changes.docs, f"INSERT OR REPLACE INTO {docs}"),
-            (changes.rows, f"INSERT INTO {timeline}"),
+            (changes.docs, f"INSERT OR REPLACE INTO {docs} VALUES "),
+            (changes.rows, f"INSERT INTO {timeline} VALUES "),
         ):
-            if len(rows) >= self.bulk_rows:
-                # One statement over the rows as a JSON array: SQLite does the whole batch
-                # in C, without Python's lock (see `runner._Writer`). Not
-                # for a NUL in a string, which SQLite's JSON functions cut short.
-                payload = orjson.dumps(rows)
-                if b"\\u0000" not in payload:
-                    c.execute(insert + _FROM_JSON, (payload.decode(),))
-                    continue
-            if rows:
-                c.executemany(insert + " VALUES (?, ?, ?, ?, ?, CAST(? AS BLOB))", rows)
+            # Many rows per statement: their values are bound in C, and SQLite runs the
+            # statement without Python's lock, so a rebuild's writer thread and its folding
+            # thread hardly contend for it (see `runner._Writer`); `executemany` would take
+            # the lock back after every row.
+            per = self._rows_per_statement(c)
+            for i in range(0, len(rows), per):
+                part = rows[i : i + per]
+                c.execute(_values(insert, len(part)), list(chain.from_iterable(part)))
+
+    @staticmethod
+    def _rows_per_statement(c: sqlite3.Cursor) -> int:
+        limit = c.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        return max(1, min(1000, limit // 6))
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        try:
+            with self.reading() as c:
+                c.execute(sql, params)
+                return c.fetchall()
+        except OperationalError as e:
+            if "no such table" in str(e):
+                raise StaleVersion(str(e)) from e
+            raise
 
     def versions(self, name: str) -> list[int]:
         with self._transaction(commit=False) as c:

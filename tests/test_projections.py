@@ -250,7 +250,8 @@ def test_rebuild_matches_the_live_build_byte_for_byte_and_switches_atomically(
 
     before = world.queries.account_context("acme", "acct-1")
     world.store.bulk_rows = 1  # a real rebuild's batch size: written in bulk, not row by row
-    world.runner.max_cached = 3  # and documents dropped from the cache are read back
+    world.runner.max_cached = 2  # documents dropped from the cache are read back as text,
+    world.runner.max_cold = 1  # and once written out early, from the tables
     result = world.runner.rebuild("context", progress)
     assert result.version == 2 and result.checksum == live["context"]
     assert result.events == world.log.head() + world.signals.head()
