@@ -184,18 +184,7 @@ class _Line:
 
     def append(self, intervals: tuple[Interval, ...]) -> None:
         """Puts the open intervals of day `end` at the end (of a line not yet published)."""
-        starts, ends, after = self.starts, self.ends, self.after
-        total = self.total
-        for a, b in intervals:
-            if ends and ends[-1] == a:
-                ends[-1] = b
-                after[-1] += b - a
-            else:
-                starts.append(a)
-                ends.append(b)
-                self.before.append(total)
-                after.append(total + b - a)
-            total += b - a
+        total = _lay(intervals, self.starts, self.ends, self.before, self.after, self.total)
         self.closed_run = 0 if total > self.total else self.closed_run + 1
         self.total = total
         self.end += 1
@@ -210,23 +199,43 @@ class _Line:
         ends: list[int] = []
         before: list[int] = []
         after: list[int] = []
-        counted = origin
-        for a, b in [*flat, *zip(self.starts[:1], self.ends[:1], strict=True)]:
-            if ends and ends[-1] == a:
-                ends[-1] = b
-                after[-1] += b - a
-            else:
-                starts.append(a)
-                ends.append(b)
-                before.append(counted)
-                after.append(counted + b - a)
-            counted += b - a
+        _lay(
+            [*flat, *zip(self.starts[:1], self.ends[:1], strict=True)],
+            starts,
+            ends,
+            before,
+            after,
+            origin,
+        )
         # The old first interval went through the loop too (joined or not): replace it.
         self.starts[:1], self.ends[:1] = starts, ends
         self.before[:1], self.after[:1] = before, after
         self.origin = origin
         self.first -= len(days)
         self.lo = self.first * _DAY_US
+
+
+def _lay(
+    intervals: Iterable[Interval],
+    starts: list[int],
+    ends: list[int],
+    before: list[int],
+    after: list[int],
+    counted: int,
+) -> int:
+    """Puts intervals after the last of a line's lists, joining one that meets it (at UTC
+    midnight); returns the open time counted by the end of the last."""
+    for a, b in intervals:
+        if ends and ends[-1] == a:
+            ends[-1] = b
+            after[-1] += b - a
+        else:
+            starts.append(a)
+            ends.append(b)
+            before.append(counted)
+            after.append(counted + b - a)
+        counted += b - a
+    return counted
 
 
 @dataclass(frozen=True)
