@@ -372,30 +372,73 @@ def baseline(
     now = _bucket(at, bucket_s)
     first = _bucket(history_from, bucket_s)
     n = rules.surge_baseline_days * 86_400 // bucket_s // stride
-    buckets = rate.buckets
     per_day = 86_400 // bucket_s
     since = max(first, now - rules.surge_baseline_days * per_day)
+    # Sample j (1..last) is the window of `width` buckets ending `j` strides before now; the
+    # samples stop at the first whose window would begin before the history does.
+    last = max(0, min(n, (now - width + 1 - first) // stride))
+    if stride < width:  # overlapping samples (a window longer than the season's stride)
+        counts = {j: _window_sum(rate.buckets, now - j * stride, width) for j in range(1, last + 1)}
+        days = _day_totals(rate.buckets, since, now, per_day)
+    else:
+        counts, days = _sample_and_day_totals(
+            rate.buckets, now, since, per_day, stride, width, last
+        )
+    busiest = max(days, key=lambda d: (days[d], d)) if len(days) >= 2 else None
+    total = square = samples = 0
+    skipped: list[int] = []
+    if busiest is not None:  # the samples whose window ends on the busiest day
+        lo = -((busiest * per_day + per_day - 1 - now) // stride)  # ceil division
+        skipped = list(range(max(1, lo), min(last, (now - busiest * per_day) // stride) + 1))
+    samples = last - len(skipped)
+    for j in skipped:
+        counts.pop(j, None)
+    for count in counts.values():
+        # integers: the sums are exact in any order, as the float sums of the samples were
+        total += count
+        square += count * count
+    if samples == 0:
+        return Baseline(0.0, 0.0, 0)
+    mean = float(total) / samples
+    return Baseline(mean, math.sqrt(max(0.0, float(square) / samples - mean * mean)), samples)
+
+
+def _window_sum(buckets: dict[int, int], end: int, width: int) -> int:
+    return sum(buckets.get(b, 0) for b in range(end - width + 1, end + 1))
+
+
+def _day_totals(buckets: dict[int, int], since: int, now: int, per_day: int) -> dict[int, int]:
     days: dict[int, int] = {}
     for b, c in buckets.items():
         if since <= b < now:
             days[b // per_day] = days.get(b // per_day, 0) + c
-    busiest = max(days, key=lambda d: (days[d], d)) if len(days) >= 2 else None
-    total = square = 0.0
-    samples = 0
-    for j in range(1, n + 1):
-        end = now - j * stride
-        if end - width + 1 < first:
-            break
-        if end // per_day == busiest:
+    return days
+
+
+def _sample_and_day_totals(
+    buckets: dict[int, int], now: int, since: int, per_day: int, stride: int, width: int, last: int
+) -> tuple[dict[int, int], dict[int, int]]:
+    """One pass over the (sparse) buckets: the count of each sample j in 1..`last` that has
+    any (the window of `width` buckets ending `j` strides before now; `stride >= width`, so a
+    bucket lies in one sample at most), and each UTC day's count since `since`."""
+    counts: dict[int, int] = {}
+    days: dict[int, int] = {}
+    reach = last * stride + width  # ages (buckets before now) of the samples' buckets: < reach
+    for b, c in buckets.items():
+        age = now - b
+        if age <= 0:
             continue
-        count = sum(buckets.get(b, 0) for b in range(end - width + 1, end + 1))
-        total += count
-        square += count * count
-        samples += 1
-    if samples == 0:
-        return Baseline(0.0, 0.0, 0)
-    mean = total / samples
-    return Baseline(mean, math.sqrt(max(0.0, square / samples - mean * mean)), samples)
+        if b >= since:
+            day = b // per_day
+            days[day] = days.get(day, 0) + c
+        if age < reach:
+            j = age // stride
+            if j and age - j * stride < width:
+                counts[j] = counts.get(j, 0) + c
+    return counts, days
+
+
+_NO_BASELINE = Baseline(0.0, 0.0, 0)
 
 
 def poisson_tail(count: int, mean: float) -> float:
@@ -486,7 +529,25 @@ def surge_test(
     time-of-day factor (`tenant`: its cases on all topics) when `surge_tenant_profile` is on."""
     count = _in_window(rate.recent, at, timedelta(minutes=minutes))
     base = baseline(rate, at, history_from, rules, minutes)
+    return _tested(rate, at, history_from, rules, minutes, tenant, count, base)
+
+
+def _threshold(base: Baseline, rules: PatternRules) -> float:
     spread = max(base.std, math.sqrt(base.mean))  # counts vary at least as Poisson counts do
+    return base.mean + rules.surge_k * spread
+
+
+def _tested(
+    rate: TopicRate,
+    at: datetime,
+    history_from: datetime,
+    rules: PatternRules,
+    minutes: int,
+    tenant: TopicRate | None,
+    count: int,
+    base: Baseline,
+) -> SurgeTest:
+    """`surge_test` once the window's count and baseline are known."""
     expected = max(base.mean, 0.5 / max(1, base.samples))
     if tenant is not None and rules.surge_tenant_profile:
         expected *= time_of_day_factor(tenant, at, history_from, rules, minutes)
@@ -495,7 +556,7 @@ def surge_test(
         count=count,
         base=base,
         expected=expected,
-        threshold=base.mean + rules.surge_k * spread,
+        threshold=_threshold(base, rules),
         p_value=poisson_tail(count, expected),
     )
 
@@ -528,8 +589,12 @@ def surge(
     tally(rate, at, rules)
     if tenant is not None:
         tally(tenant, at, rules)
+    long_base: Baseline | None = None  # the long window's, needed twice at most
     if not rate.armed:
-        base = baseline(rate, at, history_from, rules)
+        # mean, std and surge_rearm_k are never negative: an empty window re-arms at once
+        base = _NO_BASELINE
+        if before > 0:
+            base = long_base = baseline(rate, at, history_from, rules)
         if before <= base.mean + rules.surge_rearm_k * base.std:
             rate.armed = True
         else:
@@ -539,7 +604,20 @@ def surge(
     windows = [rules.surge_window_minutes]
     if 0 < rules.surge_short_window_minutes < rules.surge_window_minutes:
         windows.append(rules.surge_short_window_minutes)
-    tests = [surge_test(rate, at, history_from, rules, m, tenant) for m in windows]
+    tests: list[SurgeTest] = []
+    for minutes in windows:
+        # A test fires only with at least `surge_min_count` cases above its threshold, so a
+        # window short of either needs neither its baseline nor its time-of-day factor.
+        count = _in_window(recent, at, timedelta(minutes=minutes))
+        if count < rules.surge_min_count:
+            continue
+        if minutes == rules.surge_window_minutes and long_base is not None:
+            base = long_base
+        else:
+            base = baseline(rate, at, history_from, rules, minutes)
+        if count <= _threshold(base, rules):
+            continue
+        tests.append(_tested(rate, at, history_from, rules, minutes, tenant, count, base))
     fired = [t for t in tests if t.fires(rules)]
     if not fired:
         return []

@@ -71,6 +71,9 @@ class SQLiteLog(Generic[T]):
         self._table = table
         columns = "rowid, state" if decode_body else "rowid, topic, state"
         self._select = f"SELECT {columns} FROM {table} WHERE rowid >= ? ORDER BY rowid LIMIT ?"
+        self._select_bodies = (
+            f"SELECT rowid, state FROM {table} WHERE rowid >= ? ORDER BY rowid LIMIT ?"
+        )
         # The recorder's own insert statement, but a repeated identity (the primary key) is
         # skipped instead of failing the batch: see `append`.
         self._insert = self.recorder.insert_events_statement.replace(
@@ -149,6 +152,22 @@ class SQLiteLog(Generic[T]):
                     stamp, recorded_at = _stamp(state)
                 append(new(record, (position, recorded_at, decode(topic, state[32:]))))
         return out
+
+    def read_bodies(self, start: int, limit: int) -> list[tuple[int, bytes]]:
+        """Records with position >= start, at most `limit`, undecoded: position and JSON (a
+        split replay parses envelopes in one process and decodes in others)."""
+        with self.datastore.transaction(commit=False) as cursor:
+            raw = cursor.sqlite_cursor
+            raw.row_factory = None
+            raw.execute(self._select_bodies, (start, limit))
+            rows: list[tuple[int, bytes]] = raw.fetchall()
+        return [(position, state[32:]) for position, state in rows]
+
+    def decode_body(self, body: bytes) -> T:
+        """A record's value from its JSON (`read_bodies`), as `read` decodes it."""
+        if self._decode_body is None:
+            raise TypeError(f"{self._table} records are decoded with their topic")
+        return self._decode_body(body)
 
     def values(self, start: int = 1, topics: Sequence[str] = ()) -> Iterator[T]:
         """Every record's value from `start` on, of the given types only (all if none)."""

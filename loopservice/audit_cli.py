@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import sys
 from collections import Counter
 from datetime import UTC, datetime
@@ -36,6 +37,7 @@ from loopservice.streams.audit import what_if as run_what_if
 from loopservice.streams.explain import EXPLAIN_TOPICS, explain_case
 from loopservice.streams.rules import RulesBook
 
+SPLIT_FROM = 100_000  # records: below, starting worker processes costs more than it saves
 _DB = click.option(
     "--db",
     type=click.Path(path_type=Path),
@@ -43,12 +45,34 @@ _DB = click.option(
     help="Embedded log file [default: from LOOP_LOG_URL].",
 )
 _ISO = click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M"])
+_WORKERS = click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Processes folding the accounts' share of the replay (0: one per CPU for a log of "
+    f"{SPLIT_FROM:,} records or more, else 1).",
+)
 
 
 def _utc(at: datetime | None) -> datetime | None:
     if at is None:
         return None
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+def _workers(asked: int, records: int) -> int:
+    """The replay's worker processes: as asked, or by the log's size and the CPUs there are."""
+    if asked:
+        return asked
+    return _cpus() if records >= SPLIT_FROM else 1
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _path(db: Path | None) -> Path:
@@ -90,17 +114,26 @@ def audit() -> None:
     show_default=True,
     help="Differences listed one by one, earliest first (0: all of them).",
 )
+@_WORKERS
 @_DB
 def replay_command(
-    start_at: datetime | None, until: datetime | None, limit: int, db: Path | None
+    start_at: datetime | None, until: datetime | None, limit: int, workers: int, db: Path | None
 ) -> None:
     """Re-derive the signals from the log and compare them with the recorded ones."""
     datastore = open_datastore(_path(db))
     log, signals = interaction_log(datastore), signal_log(datastore)
     start, end = _utc(start_at), _utc(until)
     rules = real_rules(default_policy())
-    with _Progress(log.head(), "replaying") as progress:
-        derived = replay_signals(log, rules=rules, start_at=start, until=end, progress=progress)
+    head = log.head()
+    with _Progress(head, "replaying") as progress:
+        derived = replay_signals(
+            log,
+            rules=rules,
+            start_at=start,
+            until=end,
+            progress=progress,
+            workers=_workers(workers, head),
+        )
     report = compare(recorded_signals(signals.values(), start, end), derived, rules)
     console = Console(highlight=False)
     if report.ok:
@@ -235,9 +268,14 @@ def case_command(
 @click.argument("policy_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--from", "start_at", type=_ISO, default=None, help="Window start (UTC).")
 @click.option("--until", type=_ISO, default=None, help="Window end, exclusive (UTC).")
+@_WORKERS
 @_DB
 def what_if_command(
-    policy_file: Path, start_at: datetime | None, until: datetime | None, db: Path | None
+    policy_file: Path,
+    start_at: datetime | None,
+    until: datetime | None,
+    workers: int,
+    db: Path | None,
 ) -> None:
     """Replay the log as if POLICY_FILE had been in force, and show what would change.
 
@@ -249,9 +287,16 @@ def what_if_command(
     except PolicyError as exc:
         raise click.ClickException(f"{policy_file}: invalid policy\n{exc}") from None
     log = interaction_log(open_datastore(_path(db)))
-    with _Progress(2 * log.head(), "replaying twice") as progress:
+    head = log.head()
+    with _Progress(2 * head, "replaying twice") as progress:
         result = run_what_if(
-            log, proposed, _utc(start_at), _utc(until), default=default_policy(), progress=progress
+            log,
+            proposed,
+            _utc(start_at),
+            _utc(until),
+            default=default_policy(),
+            progress=progress,
+            workers=_workers(workers, head),
         )
     console = Console(highlight=False)
     console.print(

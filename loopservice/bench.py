@@ -20,6 +20,7 @@ from rich.table import Table
 from loopservice.bench_alerts import measure_delivery
 from loopservice.bench_kafka import bench_kafka
 from loopservice.bench_projections import bench_projections
+from loopservice.bench_replay import bench_replay
 from loopservice.domain.events import EVENT_ADAPTER, Event
 from loopservice.domain.policy import Policy, policy_from_mapping
 from loopservice.infra.sqlite_log import interaction_log, open_datastore
@@ -37,6 +38,7 @@ def bench() -> None:
 
 bench.add_command(bench_projections)
 bench.add_command(bench_kafka)
+bench.add_command(bench_replay)
 
 
 def sample_events(n: int) -> list[Event]:

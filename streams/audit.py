@@ -9,6 +9,7 @@ policy and summarizes what would change.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,16 @@ from loopservice.domain.signals import (
 from loopservice.streams.engine import EmbeddedEngine
 from loopservice.streams.log import Appended, Log, LogRecord
 from loopservice.streams.rules import RulesBook
-from loopservice.streams.topology import derive_processors
+from loopservice.streams.split_replay import (
+    BodySource,
+    NotSplittable,
+    can_split,
+    replay_processors,
+    split_replay,
+)
+from loopservice.streams.topology import build_topology
+
+logger = logging.getLogger(__name__)
 
 
 class MemorySignalLog:
@@ -91,16 +101,66 @@ def replay_signals(
     until: datetime | None = None,
     progress: Callable[[int], None] | None = None,
     allowed_lateness: timedelta = timedelta(seconds=1),
+    workers: int = 1,
 ) -> list[Signal]:
     """Re-derives the signals from the whole interaction log; those detected in
     [start_at, until). `rules` should be fresh: the log's published policies fold into it
-    (so afterwards it answers which version was in force when)."""
+    (so afterwards it answers which version was in force when).
+
+    With `workers` > 1 and a log that hands over undecoded records (the SQLite log), the
+    account-keyed processors run on that many processes (`streams.split_replay`): the same
+    signals; a log that does not split by account is replayed on this process instead."""
     signals = MemorySignalLog()
+    if workers > 1 and isinstance(log, BodySource) and can_split():
+        done = _Counted(progress)
+        try:
+            signals.append(
+                split_replay(
+                    log,
+                    rules,
+                    workers=workers,
+                    allowed_lateness=allowed_lateness,
+                    progress=done,
+                )
+            )
+            return [s for s in signals.values() if in_window(s, start_at, until)]
+        except NotSplittable as why:
+            logger.warning("audit replay on one process: %s", why)
+            progress = done.again()
+    processors = replay_processors(build_topology(rules))
     engine = EmbeddedEngine(
-        log, signals, derive_processors(rules), allowed_lateness=allowed_lateness, batch_size=5000
+        log, signals, processors, allowed_lateness=allowed_lateness, batch_size=5000
     )
     engine.catch_up(progress)
     return [s for s in signals.values() if in_window(s, start_at, until)]
+
+
+class _Counted:
+    """A progress callback that remembers how far it got, so that a replay started again
+    after a failed split moves the bar only past that point."""
+
+    def __init__(self, progress: Callable[[int], None] | None) -> None:
+        self.progress = progress
+        self.done = 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(n)
+
+    def again(self) -> Callable[[int], None] | None:
+        if self.progress is None:
+            return None
+        progress, skip = self.progress, self.done
+        seen = 0
+
+        def resumed(n: int) -> None:
+            nonlocal seen
+            before, seen = seen, seen + n
+            if seen > skip:
+                progress(seen - max(before, skip))
+
+        return resumed
 
 
 def recorded_signals(
@@ -291,6 +351,7 @@ def what_if(
     *,
     default: Policy,
     progress: Callable[[int], None] | None = None,
+    workers: int = 1,
 ) -> WhatIf:
     """Replays the log twice: under the real rules (`default` plus every published policy)
     and under `proposed` alone (a `FrozenRulesBook`: published policies are ignored, so the
@@ -298,7 +359,12 @@ def what_if(
     Case priorities are those the SLA signals state (first-response/resolution clocks carry
     the case priority)."""
     rules = real_rules(default)
-    before = replay_signals(log, rules=rules, start_at=start_at, until=until, progress=progress)
-    frozen = FrozenRulesBook(proposed, policy_from_mapping)
-    after = replay_signals(log, rules=frozen, start_at=start_at, until=until, progress=progress)
+
+    def replay(book: RulesBook[Policy]) -> list[Signal]:
+        return replay_signals(
+            log, rules=book, start_at=start_at, until=until, progress=progress, workers=workers
+        )
+
+    before = replay(rules)
+    after = replay(FrozenRulesBook(proposed, policy_from_mapping))
     return summarize(before, after, before_rules=rules, proposed=proposed)

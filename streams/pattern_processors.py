@@ -206,9 +206,14 @@ class BreachClusterProcessor:
     def handle(self, event: Event) -> list[Signal]:
         if isinstance(event, PolicyPublished):
             self.rules.publish(event)  # idempotent: the book is shared with the other processors
+        return self.count_late()
+
+    def count_late(self) -> list[Signal]:
+        """What `handle` derives from any event: the clusters of the breaches the SLA processor
+        derived late (their due instants already below the watermark)."""
         if self._watermark is None:
             return []
-        return self._count(self._watermark)  # breaches the SLA processor derived late
+        return self._count(self._watermark)
 
     def advance(self, watermark: datetime) -> list[Signal]:
         if self._watermark is None or watermark > self._watermark:
@@ -217,6 +222,11 @@ class BreachClusterProcessor:
 
     def next_due(self) -> datetime | None:
         return None  # it counts what the SLA processor's own timers fire
+
+    def pending_due(self) -> datetime | None:
+        """The earliest due instant of a breach observed and not yet counted: `advance` to a
+        watermark below it counts nothing."""
+        return self._pending[0][0] if self._pending else None
 
     def _count(self, watermark: datetime) -> list[Signal]:
         out: list[Signal] = []

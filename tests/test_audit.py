@@ -182,6 +182,23 @@ def test_cli_replay_identical_then_different(system: System, tmp_path: Path) -> 
     assert "missing" in bad.output and "not re-derived" in bad.output
 
 
+def test_cli_replay_and_what_if_split_across_workers_report_as_one_process(
+    system: System, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    one = runner.invoke(audit, ["replay", "--workers", "1", "--db", db_of(system)])
+    split = runner.invoke(audit, ["replay", "--workers", "2", "--db", db_of(system)])
+    assert split.exit_code == 0, split.output
+    assert split.output == one.output and "identical" in split.output
+    policy = tmp_path / "strict.toml"
+    policy.write_text(stricter_policy_text(), encoding="utf-8")
+    outputs = [
+        runner.invoke(audit, ["what-if", str(policy), "--workers", n, "--db", db_of(system)])
+        for n in ("1", "2")
+    ]
+    assert outputs[0].exit_code == 0 and outputs[1].output == outputs[0].output
+
+
 def test_cli_replay_lists_the_first_differences_and_counts_them_all(
     system: System, tmp_path: Path
 ) -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import math
+import random
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from factories import T0, event, message, opened
 from loopservice.domain.events import Event, clock_tick
-from loopservice.domain.patterns import PatternRules
+from loopservice.domain.patterns import Baseline, PatternRules, TopicRate, baseline
 from loopservice.domain.signals import PatternDetected, Signal
 from loopservice.infra.sqlite_log import interaction_log, open_datastore, signal_log
 from loopservice.streams.clock import FixedClock
@@ -328,3 +330,62 @@ def test_live_run_and_replay_give_the_same_pattern_signals(tmp_path: Path) -> No
     replay.engine.catch_up()
     replayed = [r.value for r in replay.signals.read(1, 10_000)]
     assert [s.model_dump_json() for s in replayed] == [s.model_dump_json() for s in live_signals]
+
+
+# --- the surge baseline against its definition ---------------------------------------------
+
+
+def baseline_by_definition(
+    rate: TopicRate, at: datetime, history_from: datetime, rules: PatternRules, minutes: int
+) -> Baseline:
+    """`patterns.baseline` as its docstring defines it, window by window and bucket by
+    bucket (the detector's own code before it summed each bucket once)."""
+    bucket_s = rules.surge_bucket_minutes * 60
+    width = max(1, minutes // rules.surge_bucket_minutes)
+    per_day = 86_400 // bucket_s
+    stride = {"none": width, "day": per_day, "week": 7 * per_day}[rules.surge_season]
+    now, first = int(at.timestamp()) // bucket_s, int(history_from.timestamp()) // bucket_s
+    since = max(first, now - rules.surge_baseline_days * per_day)
+    days: dict[int, int] = {}
+    for b, c in rate.buckets.items():
+        if since <= b < now:
+            days[b // per_day] = days.get(b // per_day, 0) + c
+    busiest = max(days, key=lambda d: (days[d], d)) if len(days) >= 2 else None
+    counts = []
+    for j in range(1, rules.surge_baseline_days * per_day // stride + 1):
+        end = now - j * stride
+        if end - width + 1 < first:
+            break
+        if end // per_day != busiest:
+            counts.append(sum(rate.buckets.get(b, 0) for b in range(end - width + 1, end + 1)))
+    if not counts:
+        return Baseline(0.0, 0.0, 0)
+    total = square = 0.0
+    for count in counts:
+        total += count
+        square += count * count
+    mean = total / len(counts)
+    return Baseline(mean, math.sqrt(max(0.0, square / len(counts) - mean * mean)), len(counts))
+
+
+@pytest.mark.parametrize("season", ["none", "day", "week"])
+def test_the_surge_baseline_is_its_definition_on_random_histories(season: str) -> None:
+    rng = random.Random(season)
+    for _ in range(300):
+        rules = PatternRules(
+            surge_season=season,  # type: ignore[arg-type]
+            surge_bucket_minutes=rng.choice([5, 15, 30]),
+            surge_baseline_days=rng.choice([1, 3, 14]),
+        )
+        bucket_s = rules.surge_bucket_minutes * 60
+        at = T0 + timedelta(seconds=rng.randrange(40 * 86_400))
+        history_from = at - timedelta(seconds=rng.randrange(30 * 86_400))
+        now = int(at.timestamp()) // bucket_s
+        rate = TopicRate()
+        span = rng.choice([20, 400, 4000])  # buckets before `at` (and a few after: late ones)
+        for _ in range(rng.randrange(120)):
+            b = now - rng.randrange(-5, span)
+            rate.buckets[b] = rate.buckets.get(b, 0) + rng.choice([1, 1, 2, 7])
+        for minutes in (rng.choice([5, 15, 60, 120, 240, 1440, 3000]), 120, 60):
+            got = baseline(rate, at, history_from, rules, minutes)
+            assert got == baseline_by_definition(rate, at, history_from, rules, minutes)
