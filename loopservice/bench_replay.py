@@ -54,7 +54,12 @@ def _cpu() -> float:
     multiple=True,
     help="Worker processes of a split replay (repeatable) [default: the CPUs there are].",
 )
-@click.option("--one-process/--no-one-process", default=True, show_default=True)
+@click.option(
+    "--one-process/--no-one-process",
+    default=True,
+    show_default=True,
+    help="Also time the replay on one process, the baseline the split is compared with.",
+)
 def bench_replay(db: Path, workers: tuple[int, ...], one_process: bool) -> None:
     """Audit replay rate of a log: records/s on one process and split across workers."""
     log = interaction_log(open_datastore(db))
