@@ -138,6 +138,11 @@ def create_app(
     )
     engine = Engine(app, {})
     owned: set[int] = set()  # partitions of the interactions topic this worker holds now
+    # False from a revoke until Faust has read the changelogs of the new assignment: a
+    # partition restored before that would start from part of its state.
+    settled = False
+    first_offsets: dict[int, int] = {}  # partition -> its first record on the log
+    unsettled = 0  # records skipped since the last revoke, before the state was read
     failures: list[tuple[int, int, Event, str, Exception]] = []
 
     def partition(number: int) -> Partition:
@@ -153,12 +158,45 @@ def create_app(
                 allowed_lateness=config.allowed_lateness,
                 on_failure=on_failure,
             )
-            found.restore(_stored(state))
+            found.restore(_stored(state), first_offsets.get(number, 0))
             engine.partitions[number] = found
+            logger.info(
+                "partition %s restored: %s accounts, folding from offset %s",
+                number,
+                len(found.accounts),
+                found.next_offset,
+            )
         return found
+
+    def forgo(record: Any) -> None:
+        """Leaves a record unfolded: marked done for Faust's wait at the next rebalance, but not
+        acked, which would add it to the offsets Faust commits."""
+        nonlocal unsettled
+        record.message.acked = True
+        unsettled += 1
+
+    async def fold_record(part: Partition, offset: int, headers: Any, body: bytes) -> list[Any]:
+        """Folds one record; the futures of the writes it caused."""
+        event = decode(_type_of(headers, body), body)
+        out = part.process(offset, event)
+        if out:
+            await _publish(signals_topic, out)  # acknowledged before the state is written
+            on_signals(out)
+        stored = [await _dead_letter(dead_letters, *f) for f in failures]
+        failures.clear()
+        if engine.partitions.get(part.number) is part:
+            for key, value in part.flush():
+                # What `state[key] = value` does, keeping the changelog write's future.
+                state.data[key.encode()] = value
+                stored.append(state.send_changelog(part.number, key.encode(), value))
+        # else revoked while the signals were in flight: writing this state now could land
+        # after the new owner restored and overwrite what it folds since.
+        return stored
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def forget(sender: Any, revoked: set[Any], **_: Any) -> None:
+        nonlocal settled
+        settled = False
         # Another worker may change these partitions' state before we get them back.
         for tp in revoked:
             if tp.topic == config.topics.interactions:
@@ -169,6 +207,18 @@ def create_app(
     async def own(sender: Any, assigned: set[Any], **_: Any) -> None:
         owned.update(tp.partition for tp in assigned if tp.topic == config.topics.interactions)
 
+    @app.on_rebalance_complete.connect  # type: ignore[arg-type]
+    async def recovered(sender: Any, **_: Any) -> None:
+        nonlocal settled, unsettled
+        mine = {tp for tp in app.consumer.assignment() if tp.topic == config.topics.interactions}
+        if mine:
+            earliest = await app.consumer.earliest_offsets(*mine)
+            first_offsets.update({tp.partition: offset for tp, offset in earliest.items()})
+        settled = True
+        if unsettled:
+            logger.info("%s records fetched during the rebalance left to their owner", unsettled)
+        unsettled = 0
+
     acks = StoredAcks(app.crash)
 
     @app.agent(interactions)
@@ -177,25 +227,29 @@ def create_app(
         # hand once the broker has everything it wrote (`streams/kafka_acks.py`).
         async for record in stream.noack().events():
             message = record.message
-            if message.partition not in owned:
-                # Fetched before a rebalance took the partition: its new owner folds it.
-                acks.add(message.partition, record, [])
+            if not settled or message.partition not in owned:
+                # Fetched before a rebalance: whoever owns the partition once its state is
+                # read from the changelog folds it.
+                forgo(record)
                 continue
-            event = decode(_type_of(message.headers, message.value), message.value)
             part = partition(message.partition)
-            out = part.process(message.offset, event)
-            if out:
-                await _publish(signals_topic, out)  # acknowledged before the state is written
-                on_signals(out)
-            stored = [await _dead_letter(dead_letters, *f) for f in failures]
-            failures.clear()
-            if engine.partitions.get(message.partition) is part:
-                for key, value in part.flush():
-                    # What `state[key] = value` does, keeping the changelog write's future.
-                    state.data[key.encode()] = value
-                    stored.append(state.send_changelog(message.partition, key.encode(), value))
-            # else revoked while the signals were in flight: writing this state now could land
-            # after the new owner restored and overwrite what it folds since.
+            stored: list[Any] = []
+            resume_at = part.resume_from(message.offset)
+            if resume_at is not None:
+                # The committed offset lies past the state (Faust commits records it skipped
+                # in a rebalance): fold the records in between, read straight from the log.
+                logger.warning(
+                    "partition %s: record %s arrived, the state ends before %s: reading the "
+                    "records in between",
+                    message.partition,
+                    message.offset,
+                    resume_at,
+                )
+                for missed in await _records_between(
+                    config.bootstrap, message.tp, resume_at, message.offset
+                ):
+                    stored += await fold_record(part, missed.offset, missed.headers, missed.value)
+            stored += await fold_record(part, message.offset, message.headers, message.value)
             acks.add(message.partition, record, stored)
 
     async def tick() -> None:
@@ -350,6 +404,37 @@ def _tp(app: faust.App, topic: str, number: int) -> Any:
         if tp.topic == topic and tp.partition == number:
             return tp
     return None
+
+
+async def _records_between(bootstrap: str, tp: Any, start: int, stop: int) -> list[Any]:
+    """The records of `tp` from offset `start` up to (without) `stop`, read with a consumer of
+    no group: Faust's own fetcher, sought back, drops records below the offset it last read."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partition = TopicPartition(tp.topic, tp.partition)
+        consumer.assign([partition])
+        consumer.seek(partition, start)
+        out: list[Any] = []
+        empty_polls = 0
+        while (not out or out[-1].offset < stop - 1) and empty_polls < 30:
+            batch = await consumer.getmany(partition, timeout_ms=1000)
+            records = batch.get(partition, [])
+            empty_polls = 0 if records else empty_polls + 1
+            out += [r for r in records if r.offset < stop]
+        if len(out) < stop - start:
+            logger.error(
+                "%s: %s of the records %s to %s are not on the log",
+                tp,
+                stop - start - len(out),
+                start,
+                stop - 1,
+            )
+        return out
+    finally:
+        await consumer.stop()
 
 
 async def _publish(topic: Any, signals: list[Signal]) -> None:

@@ -15,11 +15,14 @@ small JSON document under `part/<partition>`, written at once when a policy arri
 from, and replaying the records after the committed offset moves it on again.
 
 Exactly-once effect over an at-least-once consumer: the worker acks a record only once its
-changelog writes are on the broker, in offset order (`streams/kafka_acks.py`), and Faust
-commits no offset past a record not acked, so after a crash the state may be ahead of the
-committed offset but never behind. Each account remembers the last offset folded into it and
-skips records at or below it; the partition's own folds (watermark, policy) are idempotent.
-Signals re-derived while catching up carry the same identity and are deduplicated downstream.
+changelog writes are on the broker, in offset order (`streams/kafka_acks.py`), so after a crash
+the state is usually ahead of the committed offset. Each account remembers the last offset
+folded into it and skips records at or below it; the partition's own folds (watermark, policy)
+are idempotent. Signals re-derived while catching up carry the same identity and are
+deduplicated downstream. The committed offset can also be *past* the state (Faust commits
+records it skipped during a rebalance), so every write ends with the partition's position
+under `pos/<partition>`, and a restored partition folds nothing beyond it until the records
+after it have been folded (`resume_from`: the worker reads them from the log first).
 
 Deadlines sit in one heap per partition, `(due, account)`, lazily invalidated and rebuilt from
 the accounts when the partition is assigned; no timer scans every account.
@@ -66,6 +69,10 @@ def partition_key(partition: int) -> str:
     return f"part/{partition}"
 
 
+def position_key(partition: int) -> str:
+    return f"pos/{partition}"
+
+
 @dataclass
 class AccountSlot:
     applied: int  # the last offset folded into `topology`
@@ -92,6 +99,8 @@ class Partition:
         self.watermark: datetime | None = None
         self.max_seen: datetime | None = None
         self.offset = -1  # the last offset processed
+        # The next offset this partition must fold; None until it has folded or restored one.
+        self.next_offset: int | None = None
         self.policies: dict[str, bytes] = {}
         self._queue: list[tuple[datetime, int, str]] = []
         self._scheduled: dict[str, datetime] = {}
@@ -105,19 +114,24 @@ class Partition:
 
     # -- restore -----------------------------------------------------------------------------
 
-    def restore(self, stored: Iterable[tuple[str, bytes]]) -> None:
-        """Loads this partition's entries from the store (others are ignored)."""
+    def restore(self, stored: Iterable[tuple[str, bytes]], first_offset: int = 0) -> None:
+        """Loads this partition's entries from the store (others are ignored). With none, it
+        folds from `first_offset`, the log's first record: every record folded writes."""
         prefix = f"acct/{self.number}/"
         accounts: list[tuple[str, bytes]] = []
         for key, value in stored:
             if key == partition_key(self.number):
                 self._load_meta(value)
+            elif key == position_key(self.number):
+                self._load_position(int(value))
             elif key.startswith(prefix):
                 accounts.append((key, value))
         for key, value in accounts:  # after the meta: they refer to its policies
             slot = self._loads(value)
             self.accounts[key] = slot
             self._schedule(key, slot)
+        if self.next_offset is None:
+            self.next_offset = first_offset
 
     def _load_meta(self, value: bytes) -> None:
         meta = orjson.loads(value)
@@ -127,7 +141,24 @@ class Partition:
             self.policies[event.event_id] = raw.encode()
         self.watermark = _dt(meta["watermark"])
         self.max_seen = _dt(meta["max_seen"])
-        self.offset = meta["offset"]
+        self._load_position(meta["offset"])
+
+    def _load_position(self, offset: int) -> None:
+        self.offset = max(self.offset, offset)
+        if offset >= 0:
+            self.next_offset = max(self.next_offset or 0, offset + 1)
+
+    def resume_from(self, offset: int) -> int | None:
+        """Where to read again when the record at `offset` would skip records whose effect the
+        store does not hold (None: fold it).
+
+        The committed offset is not trusted for this: Faust acks records it skips during a
+        rebalance (stale generation, flow suspended) into the offsets it commits, so after a
+        takeover a commit can lie past records nobody stored. The store's own position cannot.
+        """
+        if self.next_offset is None or offset <= self.next_offset:
+            return None
+        return self.next_offset
 
     # -- the fold ----------------------------------------------------------------------------
 
@@ -154,6 +185,7 @@ class Partition:
             self._meta_dirty = True
             out += self._advance(candidate)
         self.offset = max(self.offset, offset)
+        self.next_offset = max(self.next_offset or 0, offset + 1)
         return out
 
     def _handle(self, offset: int, event: Event) -> list[Signal]:
@@ -217,7 +249,11 @@ class Partition:
     # -- persistence -------------------------------------------------------------------------
 
     def flush(self) -> list[tuple[str, bytes]]:
-        """The entries to store for what changed since the last flush, the partition last."""
+        """The entries to store for what changed since the last flush, the partition last.
+
+        When anything is written, the offset processed is written after it: the changelog keeps
+        one partition's writes in order, so a stored position vouches for every earlier record.
+        """
         shared = self._shared()
         out = [(key, self._dumps(self.accounts[key], shared)) for key in self._dirty]
         self._dirty.clear()
@@ -228,6 +264,8 @@ class Partition:
             out.append((partition_key(self.number), self._meta()))
             self._meta_dirty = self._policy_unsaved = False
             self._unsaved_meta = 0
+        if out:
+            out.append((position_key(self.number), str(self.offset).encode()))
         return out
 
     def _meta(self) -> bytes:

@@ -54,12 +54,21 @@ def embedded_signals(
     return [r.value for r in signals.read(1, 10**9)]
 
 
-def partitioned_signals(events: list[Event], crash_every: int) -> tuple[list[Signal], int]:
+def partitioned_signals(
+    events: list[Event],
+    crash_every: int,
+    *,
+    commits_past_the_store: bool = False,
+    heed_the_position: bool = True,
+) -> tuple[list[Signal], int]:
     """Folds `events` per partition, as the Faust worker does. State changes reach the store
     (the changelog) every few records; offsets are committed less often, and only up to what
     the store holds (Faust flushes the changelog before it commits). Every `crash_every`
     records the partition's worker dies: what had not reached the store is lost, and a new one
-    restores from the store and resumes from the last committed offset."""
+    restores from the store and resumes from the last committed offset — or, with
+    `commits_past_the_store`, from an offset committed past what the store holds (what Faust's
+    acks of records it skips in a rebalance can do), unless the restored partition's
+    `resume_from` is heeded."""
     logs: list[list[Event]] = [[] for _ in range(PARTITIONS)]
     for event in events:
         logs[partition_of(event)].append(event)
@@ -73,6 +82,10 @@ def partitioned_signals(events: list[Event], crash_every: int) -> tuple[list[Sig
         offset = 0
         crashed_at: set[int] = set()
         while offset < len(records):
+            resume_at = partition.resume_from(offset) if heed_the_position else None
+            if resume_at is not None:
+                offset = resume_at  # the worker seeks back
+                continue
             out += partition.process(offset, records[offset])
             pending.update(partition.flush())
             offset += 1
@@ -87,7 +100,7 @@ def partitioned_signals(events: list[Event], crash_every: int) -> tuple[list[Sig
                 pending.clear()
                 partition = Partition(number, default_policy())
                 partition.restore(store.items())
-                offset = committed
+                offset = offset + 5 if commits_past_the_store else committed
         store.update(pending)
     return out, crashes
 
@@ -123,6 +136,44 @@ def test_partitioned_fold_gives_the_embedded_engines_signals_across_crashes(
     assert got.keys() == expected.keys()
     assert got == expected
     assert len(got_raw) > len(got)  # the crashes did re-derive signals, deduplicated by id
+
+
+def test_a_commit_past_the_stored_state_is_read_again_from_the_stored_position(
+    tmp_path: Path,
+) -> None:
+    events = simulated(accounts=120, days=40, seed=11)
+    end = max(e.occurred_at for e in events) + timedelta(days=30)
+    expected = by_identity(embedded_signals([*events, clock_tick(end)], tmp_path))
+    log = [*events, *(clock_tick(end, partition=p) for p in range(PARTITIONS))]
+    got_raw, crashes = partitioned_signals(log, crash_every=250, commits_past_the_store=True)
+    assert crashes >= 8
+    assert by_identity(got_raw) == expected
+    # the same crashes without the position check lose the records skipped
+    careless, _ = partitioned_signals(
+        log, crash_every=250, commits_past_the_store=True, heed_the_position=False
+    )
+    assert by_identity(careless) != expected
+
+
+def test_a_partition_stores_its_position_after_what_it_writes() -> None:
+    events = simulated(accounts=20, days=10, seed=3)
+    partition = Partition(0, default_policy())
+    written: list[tuple[str, bytes]] = []
+    for offset, event in enumerate(events[:50]):
+        partition.process(offset, event)
+        entries = partition.flush()
+        if entries:
+            assert entries[-1] == ("pos/0", str(offset).encode())
+        written += entries
+    empty = Partition(0, default_policy())
+    empty.restore([], first_offset=3)
+    assert empty.resume_from(7) == 3  # nothing stored: from the log's first record
+    restored = Partition(0, default_policy())
+    restored.restore(written)
+    assert restored.next_offset == 50
+    assert restored.resume_from(50) is None
+    assert restored.resume_from(12) is None  # read again: each account skips what it holds
+    assert restored.resume_from(51) == 50
 
 
 def test_health_explanations_survive_the_crashes_of_a_long_history(tmp_path: Path) -> None:
