@@ -13,6 +13,7 @@ pydantic's JSON, without validating again what was validated on the way in).
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +29,12 @@ from pydantic import BaseModel
 
 from loopservice.domain.events import Event
 from loopservice.domain.signals import Signal, signal_models
-from loopservice.infra.event_codec import decode_event, decode_event_json, encode_event
+from loopservice.infra.event_codec import (
+    decode_event,
+    decode_event_json,
+    decode_events_json,
+    encode_event,
+)
 from loopservice.streams.clock import Clock, WallClock
 from loopservice.streams.log import Appended, LogRecord, T
 
@@ -62,14 +68,16 @@ class SQLiteLog(Generic[T]):
         clock: Clock | None = None,
         encode: Callable[[T], bytes] | None = None,
         decode_body: Callable[[bytes], T] | None = None,
+        decode_bodies: Callable[[list[bytes]], list[T]] | None = None,
     ) -> None:
         """`decode` takes a record's topic and JSON; `decode_body`, when given, the JSON alone
-        (the type read from it), which lets `read` leave the topic column alone."""
+        (the type read from it), which lets `read` leave the topic column alone;
+        `decode_bodies` several of them at once (`read` uses it when given)."""
         self.datastore = datastore
         self.recorder = SQLiteApplicationRecorder(datastore, events_table_name=table)
         self.recorder.create_table()
         self._table = table
-        columns = "rowid, state" if decode_body else "rowid, topic, state"
+        columns = "rowid, topic, state" if decode_body is None else "rowid, state"
         self._select = f"SELECT {columns} FROM {table} WHERE rowid >= ? ORDER BY rowid LIMIT ?"
         self._select_bodies = (
             f"SELECT rowid, state FROM {table} WHERE rowid >= ? ORDER BY rowid LIMIT ?"
@@ -84,6 +92,9 @@ class SQLiteLog(Generic[T]):
         self._encode: Callable[[T], bytes] = encode or _pydantic_json
         self._decode: Callable[[str, bytes], T] = decode
         self._decode_body: Callable[[bytes], T] | None = decode_body
+        self._decode_bodies: Callable[[list[bytes]], list[T]] | None = decode_bodies or (
+            None if decode_body is None else lambda bodies: [decode_body(b) for b in bodies]
+        )
         self.clock: Clock = clock or WallClock()
 
     def append(self, values: Sequence[T]) -> list[Appended]:
@@ -132,6 +143,8 @@ class SQLiteLog(Generic[T]):
             raw = cursor.sqlite_cursor
             raw.row_factory = None
             raw.execute(self._select, (start, limit))
+            if self._decode_bodies is not None:
+                return self._records(raw, self._decode_bodies)
             rows = raw.fetchall()
         # A record per row, so the loop is kept lean: tuple.__new__ is what the named tuple's
         # own (Python) __new__ calls, and a batch shares one append time, parsed once.
@@ -139,18 +152,31 @@ class SQLiteLog(Generic[T]):
         out: list[LogRecord[T]] = []
         append = out.append
         stamp, recorded_at = _NO_STAMP, _EPOCH
-        if self._decode_body is not None:
-            decode_body = self._decode_body
-            for position, state in rows:
+        decode = self._decode
+        for position, topic, state in rows:
+            if not state.startswith(stamp):
+                stamp, recorded_at = _stamp(state)
+            append(new(record, (position, recorded_at, decode(topic, state[32:]))))
+        return out
+
+    @staticmethod
+    def _records(
+        cursor: sqlite3.Cursor, decode_bodies: Callable[[list[bytes]], list[T]]
+    ) -> list[LogRecord[T]]:
+        """The records of the selected rows, fetched and decoded some tens at a time: the
+        bodies of a part together, and the memory of one part reused for the next while
+        still in the CPU cache. (Inside the read transaction, which keeps no writer waiting:
+        the log's file is in WAL mode.)"""
+        new, record = tuple.__new__, LogRecord  # as in `read`
+        out: list[LogRecord[T]] = []
+        append = out.append
+        stamp, recorded_at = _NO_STAMP, _EPOCH
+        while rows := cursor.fetchmany(_DECODE_ROWS):
+            values = decode_bodies([state[32:] for _, state in rows])
+            for (position, state), value in zip(rows, values, strict=True):
                 if not state.startswith(stamp):
                     stamp, recorded_at = _stamp(state)
-                append(new(record, (position, recorded_at, decode_body(state[32:]))))
-        else:
-            decode = self._decode
-            for position, topic, state in rows:
-                if not state.startswith(stamp):
-                    stamp, recorded_at = _stamp(state)
-                append(new(record, (position, recorded_at, decode(topic, state[32:]))))
+                append(new(record, (position, recorded_at, value)))
         return out
 
     def read_bodies(self, start: int, limit: int) -> list[tuple[int, bytes]]:
@@ -199,6 +225,7 @@ class SQLiteLog(Generic[T]):
         return found
 
 
+_DECODE_ROWS = 50  # fewer: more calls; more: the part falls out of the cache
 _STAMP = "%Y-%m-%dT%H:%M:%S.%f+00:00"  # always 32 bytes
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NO_STAMP = b"no stamp"  # the prefix of no state: a stamp starts with the year
@@ -237,6 +264,7 @@ def interaction_log(datastore: SQLiteDatastore, clock: Clock | None = None) -> S
         clock=clock,
         encode=encode_event,
         decode_body=decode_event_json,
+        decode_bodies=decode_events_json,
     )
 
 

@@ -15,6 +15,7 @@ from loopservice.domain.events import EVENT_ADAPTER, EVENT_TYPES, Event, PolicyP
 from loopservice.infra.event_codec import (
     decode_event,
     decode_event_json,
+    decode_events_json,
     encode_event,
     validate_event,
     validate_event_json,
@@ -116,6 +117,58 @@ def test_simulated_traffic_decodes_as_pydantic_validates_it() -> None:
             _same(decode_event_json(body), e, fields_set=False)
 
 
+V1_OPENED = {
+    "event_id": "old-1",
+    "type": "case.opened",
+    "schema_version": 1,
+    "occurred_at": "2025-01-01T10:00:00+00:00",
+    "tenant_id": "acme",
+    "account_id": "a",
+    "case_id": "c",
+    "channel": "email",
+    "actor": {"kind": "customer", "id": "u"},
+    "subject": "s",
+    "topic": "t",
+    "severity": 1,
+}
+
+
+def test_decoding_bodies_together_gives_what_pydantic_gives_for_each() -> None:
+    """Every event type and a simulated run, with an older record and one the log would not
+    write among them, decoded in parts of several sizes (as `read` hands them over)."""
+    raw = list(generate(SimulationConfig(accounts=40, days=60, seed=7)))
+    events = [EVENT_ADAPTER.validate_python(r) for r in raw]
+    bodies = [encode_event(_sample(t, n)) for n, t in enumerate(sorted(SAMPLES))]
+    bodies += [encode_event(e) for e in events]
+    reordered = orjson.loads(encode_event(_sample("case.opened", 1)))
+    _reorder(reordered)
+    bodies[30:30] = [orjson.dumps(V1_OPENED), orjson.dumps(reordered)]
+    expected = [validate_event_json(body) for body in bodies]
+    assert expected[30].schema_version == 2  # upcast
+    for size in (1, 7, 50, len(bodies)):
+        decoded = []
+        for i in range(0, len(bodies), size):
+            decoded += decode_events_json(bodies[i : i + size])
+        assert len(decoded) == len(expected)
+        for got, want in zip(decoded, expected, strict=True):
+            _same(got, want)
+
+
+def test_a_body_that_is_not_one_json_document_is_not_read_with_its_neighbour() -> None:
+    """Two halves of a record, cut inside a string: joined into one array they must not
+    parse as one record (nor as two), but fail as each fails alone."""
+    whole = encode_event(_sample("case.customer_message", 1))
+    cut = whole.index(b"ev-1") + 2
+    halves = [encode_event(_sample("case.note_added", 2)) + b"," + whole[:cut], whole[cut:]]
+    for half in halves:
+        with pytest.raises(ValidationError):
+            validate_event_json(half)
+    with pytest.raises(ValidationError):
+        decode_events_json(halves)
+    good = encode_event(_sample("case.closed", 3))
+    assert [e.type for e in decode_events_json([good, good])] == ["case.closed"] * 2
+
+
 def _agree(body: bytes) -> None:
     """The fast decoders give what pydantic gives for the same bytes, or fail as it fails."""
     try:
@@ -191,21 +244,7 @@ def test_decoded_events_share_nothing_mutable_that_pydantic_would_change() -> No
 
 
 def test_an_older_record_takes_the_upcasting_path() -> None:
-    v1 = {
-        "event_id": "old-1",
-        "type": "case.opened",
-        "schema_version": 1,
-        "occurred_at": "2025-01-01T10:00:00+00:00",
-        "tenant_id": "acme",
-        "account_id": "a",
-        "case_id": "c",
-        "channel": "email",
-        "actor": {"kind": "customer", "id": "u"},
-        "subject": "s",
-        "topic": "t",
-        "severity": 1,
-    }
-    decoded = decode_event("case.opened", orjson.dumps(v1))
+    decoded = decode_event("case.opened", orjson.dumps(V1_OPENED))
     assert decoded.schema_version == 2
     assert decoded.source.channel == "email"
     assert decoded.occurred_at == datetime(2025, 1, 1, 10, tzinfo=UTC)

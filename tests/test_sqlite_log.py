@@ -6,6 +6,8 @@ import textwrap
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
+
 from factories import message, opened
 from loopservice.infra.event_codec import validate_event
 from loopservice.infra.sqlite_log import (
@@ -58,6 +60,46 @@ def test_records_carry_their_append_time_and_the_events_pydantic_gives(tmp_path:
         assert [r.value for r in records] == [*first, message(3)]
         for r in records:
             assert r.value == validate_event(r.value.type, r.value.model_dump_json().encode())
+
+
+def test_a_long_read_decodes_every_record_as_one_at_a_time(tmp_path: Path) -> None:
+    """More records than `read` decodes together, append times changing inside such a part,
+    and a record of an older schema stored by other code among them: the same records as a
+    log reading one at a time through the topic column."""
+    clock = FixedClock(datetime(2026, 3, 2, 9, 0, 0, 250_000, tzinfo=UTC))
+    log = interaction_log(open_datastore(tmp_path / "log.db"), clock=clock)
+    n = 0
+    for size in (1, 37, 64, 3, 120):
+        log.append([opened(n + i) if (n + i) % 5 == 0 else message(n + i) for i in range(size)])
+        n += size
+        clock.advance(timedelta(seconds=1))
+        if size == 64:  # an older record, as an earlier version of the log wrote it
+            written = clock.now() - timedelta(milliseconds=500)
+            stamp = written.strftime("%Y-%m-%dT%H:%M:%S.%f+00:00").encode()
+            v1 = {**opened(999).model_dump(mode="json"), "schema_version": 1, "severity": 1}
+            v1["channel"] = v1.pop("source")["channel"]
+            with log.datastore.transaction(commit=True) as cursor:
+                cursor.execute(
+                    "INSERT INTO stored_interactions VALUES (?, 0, ?, ?)",
+                    ("ev-999", "case.opened", stamp + orjson.dumps(v1)),
+                )
+            n += 1
+    one_at_a_time = SQLiteLog(
+        log.datastore,
+        "stored_interactions",
+        identity=lambda e: e.event_id,
+        topic=lambda e: e.type,
+        decode=decode_interaction,
+    )
+    for start, limit in ((1, 1000), (30, 77)):
+        records = log.read(start, limit)
+        assert records == one_at_a_time.read(start, limit)
+        assert [r.position for r in records] == list(range(start, min(n, start + limit - 1) + 1))
+    records = log.read(1, 1000)
+    assert len({r.recorded_at for r in records}) == 6
+    older = next(r for r in records if r.value.event_id == "ev-999")
+    assert older.recorded_at == written
+    assert older.value.schema_version == 2 and older.value.source.channel == "email"
 
 
 def test_duplicates_are_accepted_once_across_restarts(tmp_path: Path) -> None:
