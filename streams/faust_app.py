@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -212,8 +213,12 @@ def create_app(
         nonlocal settled, unsettled
         mine = {tp for tp in app.consumer.assignment() if tp.topic == config.topics.interactions}
         if mine:
-            earliest = await app.consumer.earliest_offsets(*mine)
-            first_offsets.update({tp.partition: offset for tp, offset in earliest.items()})
+            try:
+                earliest = await app.consumer.earliest_offsets(*mine)
+            except Exception as exc:  # 0 then: a read from there starts at the earliest kept
+                logger.warning("first offsets not known (%s)", type(exc).__name__)
+            else:
+                first_offsets.update({tp.partition: offset for tp, offset in earliest.items()})
         settled = True
         if unsettled:
             logger.info("%s records fetched during the rebalance left to their owner", unsettled)
@@ -245,10 +250,14 @@ def create_app(
                     message.offset,
                     resume_at,
                 )
-                for missed in await _records_between(
-                    config.bootstrap, message.tp, resume_at, message.offset
-                ):
-                    stored += await fold_record(part, missed.offset, missed.headers, missed.value)
+                between = _records_between(config.bootstrap, message.tp, resume_at, message.offset)
+                async with aclosing(between):
+                    async for missed in between:
+                        if engine.partitions.get(message.partition) is not part:
+                            break  # revoked meanwhile: the new owner catches up itself
+                        stored += await fold_record(
+                            part, missed.offset, missed.headers, missed.value
+                        )
             stored += await fold_record(part, message.offset, message.headers, message.value)
             acks.add(message.partition, record, stored)
 
@@ -406,33 +415,39 @@ def _tp(app: faust.App, topic: str, number: int) -> Any:
     return None
 
 
-async def _records_between(bootstrap: str, tp: Any, start: int, stop: int) -> list[Any]:
-    """The records of `tp` from offset `start` up to (without) `stop`, read with a consumer of
-    no group: Faust's own fetcher, sought back, drops records below the offset it last read."""
+async def _records_between(
+    bootstrap: str, tp: Any, start: int, stop: int
+) -> AsyncGenerator[Any, None]:
+    """The records of `tp` from offset `start` up to (without) `stop`, as they are fetched, read
+    with a consumer of no group: Faust's own fetcher, sought back, drops records below the
+    offset it last read."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",  # `start` no longer kept: from the first record kept
     )
     await consumer.start()
     try:
         partition = TopicPartition(tp.topic, tp.partition)
         consumer.assign([partition])
         consumer.seek(partition, start)
-        out: list[Any] = []
-        empty_polls = 0
-        while (not out or out[-1].offset < stop - 1) and empty_polls < 30:
+        read, last, empty_polls = 0, start - 1, 0
+        while last < stop - 1 and empty_polls < 30:
             batch = await consumer.getmany(partition, timeout_ms=1000)
-            records = batch.get(partition, [])
+            records = [r for r in batch.get(partition, []) if r.offset < stop]
             empty_polls = 0 if records else empty_polls + 1
-            out += [r for r in records if r.offset < stop]
-        if len(out) < stop - start:
+            for record in records:
+                read, last = read + 1, record.offset
+                yield record
+        if read < stop - start:
             logger.error(
                 "%s: %s of the records %s to %s are not on the log",
                 tp,
-                stop - start - len(out),
+                stop - start - read,
                 start,
                 stop - 1,
             )
-        return out
     finally:
         await consumer.stop()
 
