@@ -46,14 +46,15 @@ signal names the top `explain_top` factors and their events.
 from __future__ import annotations
 
 import math
+from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, MutableSequence, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
-from itertools import accumulate
-from operator import mul, truediv
-from typing import Annotated, Any, NamedTuple
+from itertools import accumulate, compress
+from operator import mul, sub, truediv
+from typing import Annotated, Any, NamedTuple, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -93,6 +94,7 @@ Days = Annotated[int, Field(ge=1)]
 Ratio = Annotated[float, Field(ge=0, le=1)]
 
 LEVELS: tuple[RiskLevel, ...] = ("low", "medium", "high")
+_RANK = {level: rank for rank, level in enumerate(LEVELS)}
 SUFFERED_METRICS = frozenset({"first_response", "next_response", "resolution"})
 
 
@@ -171,10 +173,143 @@ class HealthRules(_Section):
     def level_for(self, score: float, current: RiskLevel) -> RiskLevel:
         """The level a score gives from `current`: up at a threshold, down only below it by
         the hysteresis band."""
+        return _knobs(self).level_for(score, current)
+
+
+DEFAULT_HEALTH = HealthRules()
+
+
+class _Knobs:
+    """A `[health]` section as plain attributes, with the spans and windows it implies. Every
+    assessment reads some forty of them; from the pydantic model (its attribute hook, a
+    `timedelta` built each time) that cost more than the arithmetic they feed."""
+
+    __slots__ = (
+        "baseline_days",
+        "baseline_first",
+        "baseline_windows",
+        "breach_window",
+        "breach_window_days",
+        "breaches_full",
+        "case_baseline",
+        "case_prior",
+        "case_window",
+        "case_window_days",
+        "case_z_from",
+        "case_z_full",
+        "csat_low_full",
+        "csat_low_max",
+        "decline_from",
+        "decline_full",
+        "explain_top",
+        "high_at",
+        "high_names",
+        "high_priorities",
+        "hysteresis",
+        "keep_days",
+        "least_baseline",
+        "lift_at",
+        "limit_near",
+        "limit_rearm",
+        "medium_at",
+        "metric",
+        "milestones_full",
+        "min_fitted",
+        "nps_detractor_max",
+        "open_high_full",
+        "owner_change_days",
+        "owner_window",
+        "promoter_min",
+        "recent_days",
+        "renewal_window_days",
+        "row_days",
+        "slide_from",
+        "slide_full",
+        "slide_min_days",
+        "slide_tolerance",
+        "slide_window",
+        "span_counts",
+        "steady_share",
+        "steady_windows",
+        "survey_window",
+        "survey_window_days",
+        "w_case_volume",
+        "w_csat",
+        "w_nps",
+        "w_onboarding",
+        "w_open_high",
+        "w_owner_change",
+        "w_renewal",
+        "w_sla_breaches",
+        "w_usage_decline",
+        "w_usage_slide",
+        "window_shift",
+        "window_weeks",
+    )
+
+    def __init__(self, r: HealthRules) -> None:
+        w = r.weights
+        self.w_usage_decline, self.w_usage_slide = w.usage_decline, w.usage_slide
+        self.w_case_volume, self.w_sla_breaches = w.case_volume, w.sla_breaches
+        self.w_open_high, self.w_nps, self.w_csat = w.open_high_priority, w.nps, w.csat
+        self.w_onboarding, self.w_renewal = w.onboarding, w.renewal
+        self.w_owner_change = w.owner_change
+        self.medium_at, self.high_at, self.hysteresis = r.medium_at, r.high_at, r.hysteresis
+        self.lift_at = min(r.medium_at, r.high_at)  # the score that lifts a low account
+        self.explain_top, self.metric = r.explain_top, r.usage_metric
+        recent, baseline = r.usage_recent_days, r.usage_baseline_days
+        self.recent_days, self.baseline_days = recent, baseline
+        self.keep_days = recent + baseline + 1  # the days of usage an account keeps
+        # a row of days as far back as the baseline and the slide look
+        self.row_days = max(recent + baseline, r.slide_window_days)
+        self.baseline_windows = _baseline_windows(self.row_days, recent, baseline, r)
+        self.least_baseline = r.usage_min_baseline_days
+        self.decline_from, self.decline_full = r.usage_decline_from, r.usage_decline_full
+        # `_steady`: the windows with days enough, as slices of the baseline alone; the share
+        # of the baseline recent usage must keep to be down by less than both decline marks
+        self.baseline_first = first = self.row_days - recent - baseline
+        self.steady_windows = tuple(
+            (lo - first, hi - first, hi - lo)
+            for lo, hi in self.baseline_windows
+            if hi - lo >= r.usage_min_baseline_days
+        )
+        self.steady_share = 1 - min(r.usage_decline_from, r.usage_decline_full)
+        self.slide_window, self.slide_min_days = r.slide_window_days, r.slide_min_days
+        self.slide_from, self.slide_full = r.slide_from, r.slide_full
+        self.slide_tolerance = r.slide_step_tolerance
+        span = recent + baseline
+        # the days of each weekday in the weekday profile's span, by offset modulo 7
+        self.span_counts = [(span - k + 6) // 7 for k in range(7)]
+        self.min_fitted = max(3 * _MIN_STEP, r.slide_window_days * 2 // 3)
+        # the offset modulo 7 of the slide window's first day in the profile's span
+        self.window_shift = (span - r.slide_window_days) % 7
+        self.window_weeks = r.slide_window_days // 7 + 1
+        self.case_window_days = r.case_window_days
+        self.case_window = timedelta(days=r.case_window_days)
+        self.case_baseline = timedelta(days=r.case_baseline_days)
+        self.case_prior = r.case_prior_per_window
+        self.case_z_from, self.case_z_full = r.case_z_from, r.case_z_full
+        self.breach_window_days = r.breach_window_days
+        self.breach_window = timedelta(days=r.breach_window_days)
+        self.breaches_full = r.breaches_full
+        self.high_priorities = r.high_priorities
+        self.high_names = "/".join(p.value for p in r.high_priorities)
+        self.open_high_full = r.open_high_full
+        self.survey_window_days = r.survey_window_days
+        self.survey_window = timedelta(days=r.survey_window_days)
+        self.nps_detractor_max, self.csat_low_max = r.nps_detractor_max, r.csat_low_max
+        self.csat_low_full, self.milestones_full = r.csat_low_full, r.milestones_full
+        self.renewal_window_days = r.renewal_window_days
+        self.owner_change_days = r.owner_change_days
+        self.owner_window = timedelta(days=r.owner_change_days)
+        self.limit_near, self.limit_rearm = r.limit_near, r.limit_rearm
+        self.promoter_min = r.promoter_min
+
+    def level_for(self, score: float, current: RiskLevel) -> RiskLevel:
         up: RiskLevel = (
             "high" if score >= self.high_at else "medium" if score >= self.medium_at else "low"
         )
-        if LEVELS.index(up) >= LEVELS.index(current):
+        if _RANK[up] >= _RANK[current]:
             return up
         if current == "high" and score >= self.high_at - self.hysteresis:
             return "high"
@@ -183,7 +318,32 @@ class HealthRules(_Section):
         return "low"
 
 
-DEFAULT_HEALTH = HealthRules()
+_KNOBS: dict[int, tuple[HealthRules, _Knobs]] = {}
+
+
+def _knobs(rules: HealthRules) -> _Knobs:
+    """The knobs of `rules`, made once per rules object (policies are immutable and few)."""
+    known = _KNOBS.get(id(rules))
+    if known is not None and known[0] is rules:
+        return known[1]
+    if len(_KNOBS) > 64:  # rules objects come and go in tests, not in a replay
+        _KNOBS.clear()
+    made = _Knobs(rules)
+    _KNOBS[id(rules)] = (rules, made)
+    return made
+
+
+def _baseline_windows(
+    length: int, recent: int, baseline: int, r: HealthRules
+) -> tuple[tuple[int, int], ...]:
+    """The baseline's windows as slices of a row of `length` days that ends with the `recent`
+    days: `usage_window_days` each (or as many as there are) ending at the baseline's end,
+    then a week apart back to its start, from the row's end back."""
+    first = length - recent - baseline  # the baseline's first day in the row
+    width = r.usage_window_days
+    return tuple(
+        (first + (end - width if end > width else 0), first + end) for end in range(baseline, 0, -7)
+    )
 
 
 # --- state -------------------------------------------------------------------------------
@@ -213,13 +373,28 @@ class Survey:
 _NONE = -1.0  # a day without a record, in a row of days (recorded values are never negative)
 
 
+# The values of a run of days, `_NONE` on a day without a record, and where the records are:
+# (values, start, end, count), the `count` records lying from offset `start` to `end`
+# (exclusive). Every day has one when `count` is the run's length; those from `start` to `end`
+# do when it is their number (the run starts late or ends early, no gap within). A plain
+# tuple: one is made for every assessment.
+Row = tuple[list[float], int, int, int]
+
+
+def _as_list(values: MutableSequence[float]) -> list[float]:
+    """Daily values as a list: arrays, or lists in a state pickled before they were arrays."""
+    return values.tolist() if isinstance(values, array) else cast(list[float], values)
+
+
 @dataclass(slots=True)
 class DailyValues:
     """A metric's values by day ordinal with the record of each: a map from day to value held
-    as sorted parallel lists, so that a run of days reads as one slice."""
+    as sorted parallel sequences, so that a run of days reads as one slice. Days and values
+    are arrays (contiguous: an assessment reads a hundred of them, which as float objects
+    lie all over the heap); a state pickled before restores them as lists, read alike."""
 
-    days: list[int] = field(default_factory=list)
-    values: list[float] = field(default_factory=list)
+    days: MutableSequence[int] = field(default_factory=lambda: array("q"))
+    values: MutableSequence[float] = field(default_factory=lambda: array("d"))
     ids: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -239,17 +414,32 @@ class DailyValues:
         i = bisect_left(self.days, day)
         del self.days[:i], self.values[:i], self.ids[:i]
 
-    def row(self, first: int, last: int) -> tuple[list[float], bool]:
-        """The value of each day from `first` to `last`, `_NONE` on a day without one; and
-        whether there is such a day."""
+    def row(self, first: int, last: int) -> Row:
+        """The value of each day from `first` to `last`, `_NONE` on a day without one."""
         days = self.days
         lo, hi = bisect_left(days, first), bisect_right(days, last)
-        if hi - lo == last - first + 1:  # every day has one
-            return self.values[lo:hi], False
-        out = [_NONE] * (last - first + 1)
-        for d, v in zip(days[lo:hi], self.values[lo:hi], strict=True):
-            out[d - first] = v
-        return out, True
+        length, count = last - first + 1, hi - lo
+        values = _as_list(self.values[lo:hi])
+        if count == length:  # every day has one
+            return values, 0, length, count
+        out = [_NONE] * length
+        if not count:
+            return out, 0, 0, 0
+        start, end = days[lo] - first, days[hi - 1] - first + 1
+        if end - start == count:  # one run of records
+            out[start:end] = values
+        else:
+            for d, v in zip(days[lo:hi], values, strict=True):
+                out[d - first] = v
+        return out, start, end, count
+
+    def latest(self, last: int, n: int) -> list[float] | None:
+        """The values of the `n` days up to `last` when those are the newest days and every
+        one has a record (the common case, read without a search); else None."""
+        days = self.days
+        if len(days) < n or days[-1] != last or days[-n] != last - n + 1:
+            return None  # days are distinct and sorted: n of them span n days exactly
+        return _as_list(self.values[-n:])
 
     def ids_between(self, first: int, last: int) -> list[str]:
         """The records of the days from `first` to `last`, in day order."""
@@ -305,8 +495,7 @@ class Factor(NamedTuple):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Assessment:
+class Assessment(NamedTuple):
     score: float
     factors: tuple[Factor, ...]  # every factor with points, most points first
 
@@ -324,12 +513,11 @@ def evolve(
     at = event.occurred_at
     if state.first_seen is None or at < state.first_seen:
         state.first_seen = at
+    if type(event) is UsageRecorded:  # most events; a class pattern costs pydantic's isinstance
+        return _fold_usage(state, event, rules)
     match event:
-        case UsageRecorded():  # first: most events are usage records
-            if event.metric == rules.usage_metric:
-                state.usage.put(event.period_end.toordinal(), event.value, event.event_id)
-                _prune_usage(state, event.period_end, rules)
-                return _near_limit(state, event, rules)
+        case UsageRecorded():
+            return _fold_usage(state, event, rules)
         case AccountUpdated():
             if event.tier is not None:
                 state.tier = event.tier
@@ -378,10 +566,24 @@ def evolve(
     return []
 
 
+def _fold_usage(
+    state: AccountHealth, event: UsageRecorded, rules: HealthRules
+) -> list[OpportunityDetected]:
+    k = _knobs(rules)
+    if event.metric != k.metric:
+        return []
+    day = event.period_end.toordinal()
+    state.usage.put(day, event.value, event.event_id)
+    _prune_usage(state, day, k)
+    return _near_limit(state, event, day, k) if state.seats else []
+
+
 def is_backfill(event: Event) -> bool:
     """A usage record for a period that ended days before it was recorded: history being
     filled in. It feeds the baseline, but its arrival is no moment to score the account."""
-    return isinstance(event, UsageRecorded) and (
+    if event.type != "usage.recorded":  # by name first: see `evolve`
+        return False
+    return (type(event) is UsageRecorded or isinstance(event, UsageRecorded)) and (
         event.occurred_at.date().toordinal() - event.period_end.toordinal() > 1
     )
 
@@ -395,11 +597,10 @@ def observe(state: AccountHealth, signal: Signal) -> None:
         state.breaches.pop(signal.retracts, None)
 
 
-def _prune_usage(state: AccountHealth, newest: date, rules: HealthRules) -> None:
-    keep = rules.usage_recent_days + rules.usage_baseline_days + 1
+def _prune_usage(state: AccountHealth, newest: int, k: _Knobs) -> None:
+    keep = k.keep_days
     if len(state.usage) > keep + 7:
-        oldest = newest.toordinal() - keep
-        state.usage.drop_before(oldest)
+        state.usage.drop_before(newest - keep)
 
 
 # --- assess ------------------------------------------------------------------------------
@@ -407,54 +608,82 @@ def _prune_usage(state: AccountHealth, newest: date, rules: HealthRules) -> None
 
 def assess(state: AccountHealth, at: datetime, rules: HealthRules) -> Assessment:
     """The account's score at `at` with every contributing factor, most points first."""
-    return _assess(state, at, rules, None)
+    return Assessment(*_assess(state, at, _knobs(rules), None))
 
 
 def _assess(
-    state: AccountHealth, at: datetime, rules: HealthRules, level: RiskLevel | None
-) -> Assessment:
+    state: AccountHealth, at: datetime, k: _Knobs, level: RiskLevel | None
+) -> tuple[float, tuple[Factor, ...]]:
     """`assess`, but given the account's current `level` the usage slide is fitted only when
-    it could change the level the score gives: an account at low whose other factors stay
-    below the medium mark even with the slide's full weight stays low whatever the slide."""
-    w = rules.weights
-    today = at.date()
-    row, gaps = _usage_row(state, today.toordinal(), rules)
-    found = [
-        _usage(state, row, gaps, today, rules, w.usage_decline),
-        _case_volume(state, at, rules, w.case_volume),
-        _breaches(state, at, rules, w.sla_breaches),
-        _open_high(state, rules, w.open_high_priority),
-        _nps(state, at, rules, w.nps),
-        _csat(state, at, rules, w.csat),
-        _onboarding(state, rules, w.onboarding),
-        _renewal(state, at, rules, w.renewal),
-        _owner(state, at, rules, w.owner_change),
-    ]
-    if level != "low" or not _slide_is_moot(found, rules):
-        found.append(_slide(state, row, gaps, today, rules, w.usage_slide))
-    factors = sorted(
-        (f for f in found if f is not None and f.points > 0),
-        key=lambda f: (-f.points, f.factor),
-    )
-    score = round(min(100.0, sum(f.points for f in factors)), 1)
-    return Assessment(score, tuple(factors))
+    it could change the level the score gives: an account at low whose other factors, with
+    what the slide could bring, stay below the marks stays low whatever the slide (see
+    `_slide_points_needed` and `_fit_slide`)."""
+    last = at.date().toordinal()
+    row = _usage_row(state, last, k)
+    found: list[Factor | None] = [_usage(state, row, last, k)]
+    # a factor whose evidence the state does not hold is not called at all
+    if state.cases_opened:
+        found.append(_case_volume(state, at, k))
+    if state.breaches:
+        found.append(_breaches(state, at, k))
+    if state.open_cases:
+        found.append(_open_high(state, k))
+    if state.nps:
+        found.append(_nps(state, at, k))
+    if state.csat:
+        found.append(_csat(state, at, k))
+    if state.missed:
+        found.append(_onboarding(state, k))
+    if state.renewal is not None:
+        found.append(_renewal(state, at, last, k))
+    if state.owner_changes:
+        found.append(_owner(state, at, k))
+    factors = [f for f in found if f is not None and f.points > 0]
+    weight = k.w_usage_slide
+    if level != "low":
+        slide = _slide(state, row, last, k, weight, 0.0)
+    elif (need := _slide_points_needed(factors, k)) <= weight:
+        slide = _slide(state, row, last, k, weight, need)
+    else:
+        slide = None
+    if slide is not None and slide.points > 0:
+        factors.append(slide)
+    if len(factors) > 1:
+        factors.sort(key=_most_points_first)
+    total = sum([f.points for f in factors])
+    score = round(total if total < 100.0 else 100.0, 1)  # min(100.0, total), as written before
+    return score, tuple(factors)
 
 
-def _slide_is_moot(others: list[Factor | None], rules: HealthRules) -> bool:
-    """True when the other factors and the slide's full weight stay clearly (by more than the
-    rounding of points and score) below the marks that lift an account from low."""
-    rest = sum(f.points for f in others if f is not None and f.points > 0)
-    return rest + rules.weights.usage_slide + 0.5 < min(rules.medium_at, rules.high_at)
+def _most_points_first(f: Factor) -> tuple[float, str]:
+    return -f.points, f.factor
+
+
+def _slide_points_needed(others: list[Factor], k: _Knobs) -> float:
+    """The points the usage slide must bring, with the other factors (those with points, in
+    the order found), to lift an account from low: short of them (by more than the rounding
+    of points and score) the score stays clearly below the marks, whatever the slide. More
+    than the slide's weight: it cannot."""
+    return k.lift_at - 0.5 - sum([f.points for f in others])
 
 
 def _factor(name: str, points: float, detail: str, causes: tuple[str, ...]) -> Factor:
-    return Factor(name, round(min(100.0, points), 1), detail, causes)
+    return Factor(name, round(points if points < 100.0 else 100.0, 1), detail, causes)
+
+
+def _scores(points: float) -> bool:
+    """Whether `_factor` gives `points` more than 0, as `round(min(100.0, points), 1) > 0`
+    (NaN too, through the min): the double nearest 0.05 lies above 0.05, so below it is
+    exactly what rounds to 0.0."""
+    return not points < 0.05
 
 
 def _ramp(value: float, start: float, full: float) -> float:
     if full <= start:
         return 1.0 if value >= full else 0.0
-    return min(1.0, max(0.0, (value - start) / (full - start)))
+    share = (value - start) / (full - start)
+    share = share if share > 0.0 else 0.0  # min(1.0, max(0.0, share)), NaN to 0.0 as well
+    return share if share < 1.0 else 1.0
 
 
 # --- usage ---------------------------------------------------------------------------------
@@ -466,6 +695,8 @@ def _ramp(value: float, start: float, full: float) -> float:
 # stands as `_NONE` in a row of days and adds nothing (0.0) where it is summed.
 
 _MIN_STEP = 5  # values on each side of a step, and at least on a slide
+# for a run starting at offset s: the slices of the offsets r, r + 7, … for r = 0 … 6
+_WEEKDAY_SLICES = tuple(tuple(slice((r - s) % 7, None, 7) for r in range(7)) for s in range(7))
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,161 +710,213 @@ class Slide:
     causes: tuple[str, ...]  # the records from `since` on
 
 
-def _usage_row(state: AccountHealth, last: int, rules: HealthRules) -> tuple[list[float], bool]:
+def _usage_row(state: AccountHealth, last: int, k: _Knobs) -> Row:
     """The metric on each day up to the day ordinal `last`, as far back as the baseline and
-    the slide look, `_NONE` on a day without a record; and whether there is such a day."""
-    length = max(rules.usage_recent_days + rules.usage_baseline_days, rules.slide_window_days)
-    return state.usage.row(last - length + 1, last)
+    the slide look."""
+    n = k.row_days
+    values = state.usage.latest(last, n)
+    return state.usage.row(last - n + 1, last) if values is None else (values, 0, n, n)
 
 
 def _recorded(values: list[float]) -> list[float]:
     return [v for v in values if v != _NONE] if _NONE in values else values
 
 
-def _usage_levels(
-    row: list[float], gaps: bool, rules: HealthRules
-) -> tuple[float | None, float | None]:
+def _usage_levels(row: Row, k: _Knobs) -> tuple[float | None, float | None]:
     """The mean of the last `usage_recent_days` of `row`, and the baseline before them: the
-    highest `usage_window_days` mean, windows ending a week apart."""
-    r, n = rules.usage_recent_days, rules.usage_baseline_days
-    recent = _recorded(row[-r:]) if gaps else row[-r:]
-    values = row[len(row) - r - n : len(row) - r]
-    # a day without a record adds 0.0 to a window's running sum, that is nothing
-    summed = [0.0 if v == _NONE else v for v in values] if gaps else None
-    width, least = rules.usage_window_days, rules.usage_min_baseline_days
+    highest `usage_window_days` mean, windows ending a week apart.
+
+    A sum over days some of which have no record is the sum of the records alone: adding
+    0.0 leaves every running total as it was (none is −0.0: each starts from +0)."""
+    values, start, end, count = row
+    r, least = k.recent_days, k.least_baseline
+    if count == len(values):
+        means = [
+            sum(values[lo:hi]) / (hi - lo) for lo, hi in k.baseline_windows if hi - lo >= least
+        ]
+        return sum(values[-r:]) / r, (max(means) if means else None)
     best: float | None = None
-    for end in range(n, least - 1, -7):  # windows end at the baseline's end, a week apart
-        start = end - width if end > width else 0
-        if summed is None:
-            count = end - start
-            if count < least:
+    if count == end - start:  # one run of records: each window's share of it
+        since = len(values) - r
+        since = start if start > since else since
+        recent = sum(values[since:end]) / (end - since) if end > since else None
+        for lo, hi in k.baseline_windows:
+            lo, hi = start if start > lo else lo, end if end < hi else hi
+            if hi - lo < least:
                 continue
-            mean = sum(values[start:end]) / count
-        else:
-            count = end - start - values[start:end].count(_NONE)
-            if count < least:
-                continue
-            mean = sum(summed[start:end]) / count
+            mean = sum(values[lo:hi]) / (hi - lo)
+            if best is None or mean > best:
+                best = mean
+        return recent, best
+    recorded = _recorded(values[-r:])
+    summed = [0.0 if v == _NONE else v for v in values]
+    for lo, hi in k.baseline_windows:
+        n = hi - lo - values[lo:hi].count(_NONE)
+        if n < least:
+            continue
+        mean = sum(summed[lo:hi]) / n
         if best is None or mean > best:
             best = mean
-    return (sum(recent) / len(recent) if recent else None), best
+    return (sum(recorded) / len(recorded) if recorded else None), best
 
 
-def _recent_ids(state: AccountHealth, last: int, rules: HealthRules) -> tuple[str, ...]:
-    return tuple(state.usage.ids_between(last - rules.usage_recent_days + 1, last))
+def _steady(row: Row, k: _Knobs) -> bool:
+    """True when usage is certainly not down on its baseline by the decline marks, so that
+    `_usage` gives nothing, for a row whose baseline has every day and whose recent days
+    some: the recent mean against an upper bound of the best window mean, from running
+    totals of the baseline (one pass where `_usage_levels` sums each window). The totals
+    round differently from those sums, by less than 3e-14 of the baseline's total each; the
+    bound is raised by 1e-12 of it, and the share by 1e-9."""
+    values, start, end, count = row
+    share, first = k.steady_share, k.baseline_first
+    since = len(values) - k.recent_days
+    if count != end - start or start > first or end <= since:
+        return False
+    if not k.steady_windows or share < 1e-6:
+        return False
+    recent = sum(values[since:end]) / (end - since)
+    totals = list(accumulate(values[first:since], initial=0.0))
+    best = max([(totals[hi] - totals[lo]) / n for lo, hi, n in k.steady_windows])
+    bound = (best + totals[-1] * 1e-12 / k.least_baseline) * (1 + 1e-12)
+    return recent >= bound * share * (1 + 1e-9)
 
 
-def _usage(
-    state: AccountHealth,
-    row: list[float],
-    gaps: bool,
-    today: date,
-    rules: HealthRules,
-    weight: float,
-) -> Factor | None:
-    recent, base = _usage_levels(row, gaps, rules)
+def _recent_ids(state: AccountHealth, last: int, k: _Knobs) -> tuple[str, ...]:
+    return tuple(state.usage.ids_between(last - k.recent_days + 1, last))
+
+
+def _usage(state: AccountHealth, row: Row, last: int, k: _Knobs) -> Factor | None:
+    if _steady(row, k):
+        return None
+    recent, base = _usage_levels(row, k)
     if base is None or base <= 0:
         return None
     if recent is None:
         newest = state.usage.newest()
         cause = (newest[1],) if newest is not None else ()
-        return _factor("usage_decline", weight, f"no {rules.usage_metric} recorded lately", cause)
+        return _factor("usage_decline", k.w_usage_decline, f"no {k.metric} recorded lately", cause)
     drop = 1 - recent / base
-    points = weight * _ramp(drop, rules.usage_decline_from, rules.usage_decline_full)
-    if round(min(100.0, points), 1) <= 0:
+    points = k.w_usage_decline * _ramp(drop, k.decline_from, k.decline_full)
+    if not _scores(points):
         return None
     detail = (
-        f"{rules.usage_metric} {rules.usage_recent_days}-day mean {recent:.1f} is "
+        f"{k.metric} {k.recent_days}-day mean {recent:.1f} is "
         f"{drop:.0%} below its baseline {base:.1f}"
     )
-    causes = _recent_ids(state, today.toordinal(), rules)
-    return _factor("usage_decline", points, detail, causes)
+    return _factor("usage_decline", points, detail, _recent_ids(state, last, k))
 
 
 def _slide(
-    state: AccountHealth,
-    row: list[float],
-    gaps: bool,
-    today: date,
-    rules: HealthRules,
-    weight: float,
+    state: AccountHealth, row: Row, last: int, k: _Knobs, weight: float, need: float
 ) -> Factor | None:
-    """Usage sliding steadily for `slide_min_days` or more (see the module docstring)."""
-    slide = _fit_slide(row, gaps, today.toordinal(), rules, state.usage)
-    if slide is None or slide.versus_step < -rules.slide_step_tolerance:
+    """Usage sliding steadily for `slide_min_days` or more (see the module docstring); None,
+    too, when the slide could not bring `need` points (left out of a low account's score)."""
+    slide = _fit_slide(row, last, k, state.usage, _least_fall(need, weight, k))
+    if slide is None or slide.versus_step < -k.slide_tolerance:
         return None
-    points = weight * _ramp(slide.fall, rules.slide_from, rules.slide_full)
+    points = weight * _ramp(slide.fall, k.slide_from, k.slide_full)
     per_week = slide.fall / slide.days * 7
     return _factor(
         "usage_slide",
         points,
-        f"{rules.usage_metric} sliding steadily since {slide.since.isoformat()}: "
+        f"{k.metric} sliding steadily since {slide.since.isoformat()}: "
         f"{slide.fall:.0%} down over {slide.days} days (about {per_week:.0%} a week), "
         f"not a one-off drop",
         slide.causes,
     )
 
 
-def _fit_slide(
-    row: list[float], gaps: bool, last: int, rules: HealthRules, usage: DailyValues
-) -> Slide | None:
+def _least_fall(need: float, weight: float, k: _Knobs) -> float:
+    """The fall short of which a slide brings fewer than `need` points (rounded points, so
+    0.1 in hand): `slide_from`, below which none counts, when `need` is that small."""
+    start, full = k.slide_from, k.slide_full
+    if need <= 0.1 or weight <= 0:
+        return start
+    if full <= start:  # all or nothing from `full` on
+        return max(start, full)
+    return start + (full - start) * (need - 0.1) / weight
+
+
+def _fit_slide(row: Row, last: int, k: _Knobs, usage: DailyValues, least: float) -> Slide | None:
     """Fits a slide (flat, then linear down to `last`) to the weekday-adjusted daily values of
     the last `slide_window_days` of `row`, and a step to compare it with when the slide has
     lasted `slide_min_days` and lost `slide_from`; None when there is too little to fit or
-    the slide is too short or too shallow to count."""
-    span = rules.usage_recent_days + rules.usage_baseline_days
-    kept = row[-span:]
-    start = last - span + 1
-    counts, sums = [0] * 7, [0.0] * 7
-    if gaps:
+    the slide is too short or too shallow to count, and without fitting when no line from a
+    hinge point far enough back could fall by `least` (≥ `slide_from`, see `_may_fall`).
+
+    Days without a record add nothing to the profile's sums (see `_usage_levels`) and are
+    left out of the fit; a row with one run of records is read as that run."""
+    values, start, end, count = row
+    size, span, width = len(values), k.keep_days - 1, k.slide_window
+    kept_from, window_from = size - span, size - width  # offsets in `values`
+    run = count == end - start  # records on every day from `start` to `end`
+    if count < size and (end - max(start, window_from) if run else count) < k.min_fitted:
+        return None  # too few records in the window to fit, fewer still after exclusions
+    # the weekday profile, by a day's offset in the span it is taken over modulo 7 (each
+    # offset one weekday): the days' sums, how many have records, against the overall mean
+    if count == size:
+        kept = values[kept_from:] if kept_from else values
+        counts, lo = k.span_counts, 0
+    elif run:
+        lo, hi = max(start - kept_from, 0), end - kept_from  # the records in the span
+        kept = values[kept_from + lo : kept_from + hi]
+        counts = [(hi - r + 6) // 7 - (lo - r + 6) // 7 for r in range(7)]
+    else:
+        kept = values[kept_from:]
         present = [v != _NONE for v in kept]
-        kept = [0.0 if v == _NONE else v for v in kept]
-    for r in range(7):  # row offset r holds the weekday (start + r) % 7
-        counts[(start + r) % 7] = sum(present[r::7]) if gaps else (span - r + 6) // 7
-        sums[(start + r) % 7] = sum(kept[r::7])
+        kept, lo = [0.0 if v == _NONE else v for v in kept], 0
+        counts = [sum(present[r::7]) for r in range(7)]
     if min(counts) < 2:
         return None
     overall = sum(kept) / sum(counts)
     if overall <= 0:
         return None
-    profile = [total / count / overall for total, count in zip(sums, counts, strict=True)]
-    width = rules.slide_window_days
+    # `kept` starts at the offset `lo`: the offsets r, r + 7, … start at its (r − lo) % 7
+    sums = map(sum, map(kept.__getitem__, _WEEKDAY_SLICES[lo % 7]))
+    profile = [total / n / overall for total, n in zip(sums, counts, strict=True)]
     first = last - width + 1
-    window = row[-width:]
-    shift = first % 7
-    scale = ((profile[shift:] + profile[:shift]) * (width // 7 + 1))[:width]
+    window = values[window_from:]
+    shift = k.window_shift
+    scale = (profile[shift:] + profile[:shift]) * k.window_weeks  # past the window: unused
     xs: Sequence[float]
-    if not gaps and all(p > 0 for p in profile):
+    if count == size and min(profile) > 0:
         xs = _first_days(width)
         ys = list(map(truediv, window, scale))
+    elif run and min(profile) > 0:  # every record in the window, none excluded
+        lo, hi = max(start - window_from, 0), end - window_from
+        xs = _first_days(width)[lo:hi]
+        ys = list(map(truediv, window[lo:hi], scale[lo:hi]))
     else:
         offsets = [j for j, v in enumerate(window) if v != _NONE and scale[j] > 0]
         xs = [float(j) for j in offsets]
         ys = [window[j] / scale[j] for j in offsets]
     n = len(ys)
-    if n < max(3 * _MIN_STEP, width * 2 // 3):
+    if n < k.min_fitted:
+        return None
+    # the terms depend on the days' spacing only: a window filled from some day on has
+    # those of a whole window of its length
+    whole = xs[-1] - xs[0] == n - 1
+    if least > k.slide_from and not _may_fall(xs, ys, whole, k.slide_min_days, least):
         return None
     sy = _suffix_sums(ys)
     sxy = _suffix_sums(list(map(mul, xs, ys)))
     squares = list(map(mul, ys, ys))
     total_sq = sum(reversed(squares))  # as a suffix sum's first: from the last value back
-    # the terms depend on the days' spacing only: a window filled from some day on has
-    # those of a whole window of its length
-    terms = _whole_window_terms(n) if xs[-1] - xs[0] == n - 1 else _hinge_terms(xs)
+    terms = _whole_window_terms(n) if whole else _gappy_terms(tuple(xs))
     best = _best_hinge(xs, sy, total_sq, sxy, terms)
     if best is None or best[3] <= 0:
         return None
-    sse, k, b, a = best
-    length = xs[-1] - xs[k]
+    sse, h, b, a = best
+    length = xs[-1] - xs[h]
     fall = -b * length / a
-    if int(length) < rules.slide_min_days or fall < rules.slide_from:
+    if int(length) < k.slide_min_days or fall < k.slide_from:
         return None
     step = _best_step(sy, _suffix_sums(squares))
     variance = max(sse, 1e-12) / (n - 3)
-    since = first + int(xs[k])
+    since = first + int(xs[h])
     causes = usage.ids_between(since, last)
-    if len(causes) != n - k:  # some days were left out of the fit: the fitted ones
-        causes = [usage.id_of(first + int(x)) for x in xs[k:]]
+    if len(causes) != n - h:  # some days were left out of the fit: the fitted ones
+        causes = [usage.id_of(first + int(x)) for x in xs[h:]]
     return Slide(date.fromordinal(since), int(length), fall, (step - sse) / variance, tuple(causes))
 
 
@@ -678,6 +961,73 @@ def _whole_window_terms(n: int) -> HingeTerms:
     return _hinge_terms(_first_days(n))
 
 
+@lru_cache(maxsize=1024)
+def _gappy_terms(xs: tuple[float, ...]) -> HingeTerms:
+    """`_hinge_terms` of days with gaps in them: a function of the days alone, and the same few
+    patterns recur (one missing day, moving through the window day by day)."""
+    return _hinge_terms(xs)
+
+
+FallBounds = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def _hinge_fall_bounds(xs: Sequence[float], terms: HingeTerms, min_days: int) -> FallBounds:
+    """For each hinge point k at least `min_days` before the last day: Σu·L/det and n·L/det,
+    L = x_last − x_k, so that −b·L = Σy·(Σu·L/det) − Σuy·(n·L/det) (see `_may_fall`)."""
+    su, _, dets = terms
+    n, last = len(xs), xs[-1]
+    alpha: list[float] = []
+    beta: list[float] = []
+    for k, (u, det) in enumerate(zip(su, dets, strict=True)):
+        length = last - xs[k]
+        if length < min_days:
+            break
+        evaluated = det > 1e-9  # as `_best_hinge` skips it
+        alpha.append(u * length / det if evaluated else 0.0)
+        beta.append(n * length / det if evaluated else 0.0)
+    return tuple(alpha), tuple(beta)
+
+
+@lru_cache(maxsize=128)
+def _fall_bounds(n: int, min_days: int) -> FallBounds:
+    return _hinge_fall_bounds(_first_days(n), _whole_window_terms(n), min_days)
+
+
+@lru_cache(maxsize=1024)
+def _gappy_bounds(xs: tuple[float, ...], min_days: int) -> FallBounds:
+    return _hinge_fall_bounds(xs, _gappy_terms(xs), min_days)
+
+
+def _may_fall(
+    xs: Sequence[float], ys: list[float], whole: bool, min_days: int, least: float
+) -> bool:
+    """Whether a line fitted to (xs, ys) from some hinge point `min_days` or more before the
+    last could fall by `least`. Its fall −b·L/a is at most −b·L/ȳ, since a = ȳ − b·Σu/n ≥ ȳ
+    when b < 0 (and b ≥ 0 is no slide); −b·L = Σy·(Σu·L/det) − Σuy·(n·L/det). The sums are
+    taken with roundings of their own (not the fit's), which move the bound by ~1e-12 of ȳ:
+    it is held to `least` less 1e-7."""
+    n = len(ys)
+    total = sum(ys)
+    if not total > 0:
+        return True  # nothing to bound by: the fit decides
+    suy: Iterable[float]
+    if whole:
+        alpha, beta = _fall_bounds(n, min_days)
+        # Σuy at hinge point k is Σ_{j>k} Σ_{i≥j} y_i: running totals of running totals,
+        # from the last value back; the one for k = 0 comes last but one
+        totals = list(accumulate(accumulate(reversed(ys))))
+        del totals[-1]
+        suy = reversed(totals)
+    else:  # Σxy − c·Σy at each hinge point c
+        alpha, beta = _gappy_bounds(tuple(xs), min_days)
+        sy = _suffix_sums(ys)
+        suy = map(sub, _suffix_sums(list(map(mul, xs, ys))), map(mul, xs, sy))
+    if not alpha:
+        return False  # no hinge point far enough back: no slide lasts long enough
+    steepest = max([total * a - s * b for a, b, s in zip(alpha, beta, suy, strict=False)])
+    return steepest >= (least - 1e-7) * total / n
+
+
 def _best_hinge(
     xs: Sequence[float], sy: list[float], total_sq: float, sxy: list[float], terms: HingeTerms
 ) -> tuple[float, int, float, float] | None:
@@ -701,9 +1051,11 @@ def _best_hinge(
             for c, u, det, xy, y in zip(xs, su, dets, sxy, sy, strict=False)
             for num in (n * (xy - c * y) - u * total,)
         ]
-        top = max(ranks)
-        floor = top - 1e-8 * n * total_sq
-        hinges = [k for k, rank in enumerate(ranks) if rank >= floor and rank >= 0]
+        floor = max(ranks) - 1e-8 * n * total_sq
+        if floor > 0:
+            hinges = compress(range(len(ranks)), map(floor.__le__, ranks))
+        else:
+            hinges = [k for k, rank in enumerate(ranks) if rank >= floor and rank >= 0]
     best: tuple[float, int, float, float] | None = None
     for k in hinges:
         det = dets[k]
@@ -736,100 +1088,89 @@ def _best_step(sy: list[float], syy: list[float]) -> float:
     )
 
 
-def _case_volume(
-    state: AccountHealth, at: datetime, rules: HealthRules, weight: float
-) -> Factor | None:
-    if not state.cases_opened:
-        return None
-    window = timedelta(days=rules.case_window_days)
-    horizon = at - timedelta(days=rules.case_baseline_days)
-    if state.cases_opened and state.cases_opened[0].at < horizon:
+# --- the other factors: each given a state that holds some of its evidence ------------------
+
+
+def _case_volume(state: AccountHealth, at: datetime, k: _Knobs) -> Factor | None:
+    horizon = at - k.case_baseline
+    if state.cases_opened[0].at < horizon:
         state.cases_opened = [m for m in state.cases_opened if m.at >= horizon]
-    since = at - window
+    since = at - k.case_window
     recent = [m for m in state.cases_opened if since < m.at <= at]
     if not recent:
         return None
-    first = max(state.first_seen or at, horizon)
-    history_days = max(0.0, (at - window - first).total_seconds() / 86_400)
-    before = sum(1 for m in state.cases_opened if m.at <= at - window)
-    prior_days = float(rules.case_window_days)
-    expected = (before + rules.case_prior_per_window) / (history_days + prior_days)
-    expected *= rules.case_window_days
-    z = (len(recent) - expected) / math.sqrt(max(expected, 1.0))
-    points = weight * _ramp(z, rules.case_z_from, rules.case_z_full)
+    first = state.first_seen or at
+    first = horizon if horizon > first else first
+    history_days = (since - first).total_seconds() / 86_400
+    history_days = history_days if history_days > 0.0 else 0.0
+    before = sum([1 for m in state.cases_opened if m.at <= since])
+    prior_days = float(k.case_window_days)
+    expected = (before + k.case_prior) / (history_days + prior_days)
+    expected *= k.case_window_days
+    z = (len(recent) - expected) / math.sqrt(1.0 if 1.0 > expected else expected)
+    points = k.w_case_volume * _ramp(z, k.case_z_from, k.case_z_full)
+    if not _scores(points):
+        return None  # no points: left out of the score, as a factor without points is
     detail = (
-        f"{len(recent)} cases in {rules.case_window_days} days against {expected:.1f} expected "
+        f"{len(recent)} cases in {k.case_window_days} days against {expected:.1f} expected "
         f"from its own history"
     )
     return _factor("case_volume", points, detail, tuple(m.event_id for m in recent))
 
 
-def _breaches(
-    state: AccountHealth, at: datetime, rules: HealthRules, weight: float
-) -> Factor | None:
-    if not state.breaches:
-        return None
-    since = at - timedelta(days=rules.breach_window_days)
+def _breaches(state: AccountHealth, at: datetime, k: _Knobs) -> Factor | None:
+    since = at - k.breach_window
     recent = [(due, causes) for due, causes in state.breaches.values() if since < due <= at]
     if not recent:
         return None
     recent.sort()
     causes = tuple(dict.fromkeys(c for _, cs in recent for c in cs))
-    points = weight * min(1.0, len(recent) / rules.breaches_full)
+    points = k.w_sla_breaches * min(1.0, len(recent) / k.breaches_full)
     return _factor(
-        "sla_breaches",
-        points,
-        f"{len(recent)} SLA breaches in {rules.breach_window_days} days",
-        causes,
+        "sla_breaches", points, f"{len(recent)} SLA breaches in {k.breach_window_days} days", causes
     )
 
 
-def _open_high(state: AccountHealth, rules: HealthRules, weight: float) -> Factor | None:
-    if not state.open_cases:
-        return None
-    high = [c for c in state.open_cases.values() if c.priority in rules.high_priorities]
+def _open_high(state: AccountHealth, k: _Knobs) -> Factor | None:
+    high = [c for c in state.open_cases.values() if c.priority in k.high_priorities]
     if not high:
         return None
     causes = tuple(dict.fromkeys(e for c in high for e in c.causes))
-    points = weight * min(1.0, len(high) / rules.open_high_full)
-    names = "/".join(p.value for p in rules.high_priorities)
-    return _factor("open_high_priority", points, f"{len(high)} open {names} cases", causes)
+    points = k.w_open_high * min(1.0, len(high) / k.open_high_full)
+    return _factor("open_high_priority", points, f"{len(high)} open {k.high_names} cases", causes)
 
 
-def _nps(state: AccountHealth, at: datetime, rules: HealthRules, weight: float) -> Factor | None:
-    if not state.nps:
+def _nps(state: AccountHealth, at: datetime, k: _Knobs) -> Factor | None:
+    since = at - k.survey_window
+    for latest in reversed(state.nps):
+        if since < latest.at <= at:
+            break
+    else:
         return None
-    since = at - timedelta(days=rules.survey_window_days)
-    latest = next((s for s in reversed(state.nps) if since < s.at <= at), None)
-    if latest is None or latest.score > rules.nps_detractor_max:
+    if latest.score > k.nps_detractor_max:
         return None
-    depth = (rules.nps_detractor_max - latest.score) / max(1, rules.nps_detractor_max)
-    points = weight * (0.5 + 0.5 * depth)
+    depth = (k.nps_detractor_max - latest.score) / max(1, k.nps_detractor_max)
+    points = k.w_nps * (0.5 + 0.5 * depth)
     return _factor("nps", points, f"latest NPS {latest.score} (detractor)", (latest.event_id,))
 
 
-def _csat(state: AccountHealth, at: datetime, rules: HealthRules, weight: float) -> Factor | None:
-    if not state.csat:
-        return None
-    since = at - timedelta(days=rules.survey_window_days)
-    low = [s for s in state.csat if since < s.at <= at and s.score <= rules.csat_low_max]
+def _csat(state: AccountHealth, at: datetime, k: _Knobs) -> Factor | None:
+    since = at - k.survey_window
+    low = [s for s in state.csat if since < s.at <= at and s.score <= k.csat_low_max]
     if not low:
         return None
-    points = weight * min(1.0, len(low) / rules.csat_low_full)
+    points = k.w_csat * min(1.0, len(low) / k.csat_low_full)
     return _factor(
         "csat",
         points,
-        f"{len(low)} CSAT answers of {rules.csat_low_max} or less in "
-        f"{rules.survey_window_days} days",
+        f"{len(low)} CSAT answers of {k.csat_low_max} or less in {k.survey_window_days} days",
         tuple(s.event_id for s in low),
     )
 
 
-def _onboarding(state: AccountHealth, rules: HealthRules, weight: float) -> Factor | None:
-    if not state.missed:
-        return None
+def _onboarding(state: AccountHealth, k: _Knobs) -> Factor | None:
     names = sorted(state.missed)
-    points = weight * min(1.0, len(names) / rules.milestones_full)
+    points = k.w_onboarding * min(1.0, len(names) / k.milestones_full)
     return _factor(
         "onboarding",
         points,
@@ -838,32 +1179,32 @@ def _onboarding(state: AccountHealth, rules: HealthRules, weight: float) -> Fact
     )
 
 
-def _renewal(
-    state: AccountHealth, at: datetime, rules: HealthRules, weight: float
-) -> Factor | None:
-    if state.renewal is None:
-        return None
+def _renewal(state: AccountHealth, at: datetime, last: int, k: _Knobs) -> Factor | None:
+    """`last` is the ordinal of `at`'s date: the date of a renewal more than two days past
+    or more than two days beyond the window is out of it, whatever the time and the offset."""
+    assert state.renewal is not None
     renews, cause = state.renewal
-    days = (datetime.combine(renews, time(), UTC) - at).total_seconds() / 86_400
-    if not 0 <= days <= rules.renewal_window_days:
+    ahead = renews.toordinal() - last
+    if ahead < -2 or ahead > k.renewal_window_days + 2:
         return None
-    points = weight * (1 - days / rules.renewal_window_days)
+    days = (datetime.combine(renews, time(), UTC) - at).total_seconds() / 86_400
+    if not 0 <= days <= k.renewal_window_days:
+        return None
+    points = k.w_renewal * (1 - days / k.renewal_window_days)
     return _factor(
         "renewal", points, f"renewal on {renews.isoformat()} in {days:.0f} days", (cause,)
     )
 
 
-def _owner(state: AccountHealth, at: datetime, rules: HealthRules, weight: float) -> Factor | None:
-    if not state.owner_changes:
-        return None
-    since = at - timedelta(days=rules.owner_change_days)
+def _owner(state: AccountHealth, at: datetime, k: _Knobs) -> Factor | None:
+    since = at - k.owner_window
     recent = [m for m in state.owner_changes if since < m.at <= at]
     if not recent:
         return None
     return _factor(
         "owner_change",
-        weight,
-        f"owner changed {len(recent)} time(s) in {rules.owner_change_days} days",
+        k.w_owner_change,
+        f"owner changed {len(recent)} time(s) in {k.owner_change_days} days",
         tuple(m.event_id for m in recent),
     )
 
@@ -883,25 +1224,28 @@ def decide(
     `trigger` is the event that prompted the assessment (None for a scheduled one); a cleared
     signal whose factors have all gone names the factors it clears instead.
 
-    The usage slide is left out when it could not lift an account from low (`_assess`): the
-    level is the same with or without it, and the factors a later decision takes from this
-    one (those a cleared signal names) are only taken when this one left the account at
-    medium or high, where the slide is always fitted."""
+    The usage slide is left out when it could not lift an account from low (`_assess`: not
+    with the other factors as they are, nor with a fall any line in its window could have,
+    `_fit_slide`): the level is the same with or without it, and the factors a later
+    decision takes from this one (those a cleared signal names) are only taken when this one
+    left the account at medium or high, where the slide is always fitted."""
     if state.churned:
         return []
-    now = at if state.evaluated_at is None else max(at, state.evaluated_at)
-    found = _assess(state, now, rules, state.level)
+    now = state.evaluated_at
+    now = at if now is None or not now > at else now  # max(at, evaluated_at)
+    k = _knobs(rules)
     previous = state.level
-    level = rules.level_for(found.score, previous)
+    score, factors = _assess(state, now, k, previous)
+    level = k.level_for(score, previous)
     before = state.factors
-    state.score, state.factors, state.evaluated_at = found.score, found.factors, now
+    state.score, state.factors, state.evaluated_at = score, factors, now
     if level == previous:
         return []
     state.level = level
-    top = found.factors[: rules.explain_top]
+    top = factors[: k.explain_top]
     causes = tuple(dict.fromkeys(c for f in top for c in f.caused_by))
     if not causes:
-        causes = tuple(dict.fromkeys(c for f in before[: rules.explain_top] for c in f.caused_by))
+        causes = tuple(dict.fromkeys(c for f in before[: k.explain_top] for c in f.caused_by))
     if not causes and trigger is not None:
         causes = (trigger,)
     if not causes:
@@ -917,7 +1261,7 @@ def decide(
             detected_at=now,
             caused_by=causes,
             policy_version=policy_version,
-            score=found.score,
+            score=score,
             level=level,
             previous_level=previous,
             factors=tuple(f.stated() for f in top),
@@ -930,29 +1274,34 @@ def decide(
 
 
 def _near_limit(
-    state: AccountHealth, event: UsageRecorded, rules: HealthRules
+    state: AccountHealth, event: UsageRecorded, last: int, k: _Knobs
 ) -> list[OpportunityDetected]:
-    """Usage close to the seats bought, and not declining: once per episode, re-armed when
-    usage falls back below `limit_rearm` of the seats."""
+    """Usage close to the seats bought (the day ordinal `last` just recorded), and not
+    declining: once per episode, re-armed when usage falls back below `limit_rearm` of the
+    seats."""
     if not state.seats:
         return []
     today = event.period_end
-    last = today.toordinal()
-    days = range(last - rules.usage_recent_days + 1, last + 1)
-    values = sorted(_recorded(state.usage.row(days.start, days.stop - 1)[0]), reverse=True)
-    if len(values) < rules.usage_recent_days:
-        return []
+    r = k.recent_days
+    days = state.usage.latest(last, r)
+    if days is None:
+        days, _, _, count = state.usage.row(last - r + 1, last)
+        if count < r:  # fewer records than days
+            return []
+    if state.limit_armed and max(days) < k.limit_near * state.seats * (1 - 1e-9):
+        return []  # no day near the seats, so not the busy days' mean (nor after rounding)
+    values = sorted(days, reverse=True)
     busy = values[: max(1, len(values) * 5 // 7)]  # working days: weekends do not fill seats
     ratio = sum(busy) / len(busy) / state.seats
-    if ratio < rules.limit_rearm:
+    if ratio < k.limit_rearm:
         state.limit_armed = True
-    if not state.limit_armed or ratio < rules.limit_near:
+    if not state.limit_armed or ratio < k.limit_near:
         return []
-    recent, base = _usage_levels(*_usage_row(state, last, rules), rules)
-    if recent is None or base is None or recent < base * (1 - rules.usage_decline_from):
+    recent, base = _usage_levels(_usage_row(state, last, k), k)
+    if recent is None or base is None or recent < base * (1 - k.decline_from):
         return []
     state.limit_armed = False
-    causes = _recent_ids(state, last, rules)
+    causes = _recent_ids(state, last, k)
     evidence = (*causes, state.seats_cause) if state.seats_cause else causes
     return [
         OpportunityDetected(
@@ -968,7 +1317,7 @@ def _near_limit(
             key=state.account_id,
             evidence=evidence,
             detail=(
-                f"{rules.usage_metric} on working days at {ratio:.0%} of {state.seats} seats, "
+                f"{k.metric} on working days at {ratio:.0%} of {state.seats} seats, "
                 f"steady or growing against its baseline: an expansion conversation"
             ),
             owner_id=state.owner_id,

@@ -23,7 +23,7 @@ from itertools import count
 from loopservice.domain import health
 from loopservice.domain.events import Event, PolicyPublished
 from loopservice.domain.policy import Policy
-from loopservice.domain.signals import Signal, SlaBreached, SlaBreachRetracted
+from loopservice.domain.signals import Signal
 from loopservice.streams.processor import Processor
 from loopservice.streams.rules import RulesBook
 
@@ -49,13 +49,21 @@ _SCORED_CASE_TYPES = frozenset(
         "case.reopened",
     }
 )
+_SCORED_TYPES = _ACCOUNT_TYPES | _SCORED_CASE_TYPES
+# the SLA signals the health model counts; by type name, which names one class each (pydantic's
+# metaclass makes an isinstance check cost more than the rest of a look at a signal)
+_SUFFERED_TYPES = frozenset({"sla.breached", "sla.breach_retracted"})
 Key = tuple[str, str]
+
+
+_DAY = timedelta(days=1)
+_MIDNIGHT = time()
 
 
 def _next_midnight_after(at: datetime) -> datetime:
     """The first UTC midnight at least a whole day after `at`."""
-    midnight = datetime.combine(at.astimezone(UTC).date() + timedelta(days=1), time(), UTC)
-    return midnight if midnight - at >= timedelta(days=1) else midnight + timedelta(days=1)
+    midnight = datetime.combine(at.astimezone(UTC).date() + _DAY, _MIDNIGHT, UTC)
+    return midnight if midnight - at >= _DAY else midnight + _DAY
 
 
 class HealthProcessor:
@@ -73,24 +81,23 @@ class HealthProcessor:
     # -- the processor contract ------------------------------------------------------------
 
     def handle(self, event: Event) -> list[Signal]:
-        if isinstance(event, PolicyPublished):
-            self.rules.publish(event)
-            return []
-        relevant = event.type in _ACCOUNT_TYPES or event.type in _SCORED_CASE_TYPES
-        if not relevant:
+        if event.type not in _SCORED_TYPES:
+            if event.type == "policy.published":  # by name: see _SUFFERED_TYPES
+                assert isinstance(event, PolicyPublished)
+                self.rules.publish(event)
             return []
         key = (event.tenant_id, event.account_id)
         state = self.accounts.get(key)
         if state is None:
             state = self.accounts[key] = health.AccountHealth(event.tenant_id, event.account_id)
-        out: list[Signal] = self._due_before(key, state, event.occurred_at)
-        policy = self.rules.in_force(event.occurred_at)
+        at = event.occurred_at
+        due = self._due.get(key)
+        out: list[Signal] = [] if due is None or due >= at else self._due_before(key, state, at)
+        policy = self.rules.in_force(at)
         out += health.evolve(state, event, policy.health, policy.priority_for)
         if health.is_backfill(event):
             return out
-        out += health.decide(
-            state, event.occurred_at, policy.health, policy.version, event.event_id
-        )
+        out += health.decide(state, at, policy.health, policy.version, event.event_id)
         self._schedule(key, state)
         return out
 
@@ -113,7 +120,7 @@ class HealthProcessor:
 
     def observe(self, signals: list[Signal]) -> None:
         for signal in signals:
-            if not isinstance(signal, SlaBreached | SlaBreachRetracted):
+            if signal.type not in _SUFFERED_TYPES:
                 continue
             state = self.accounts.get((signal.tenant_id, signal.account_id))
             if state is not None:

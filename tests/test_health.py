@@ -3,6 +3,7 @@ signal names its causes, and the processor replays to the same signals."""
 
 from __future__ import annotations
 
+import math
 import random
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -200,8 +201,9 @@ def test_the_slide_hinge_is_the_one_every_candidate_evaluated_gives() -> None:
 def test_a_low_account_is_decided_as_if_its_slide_were_always_fitted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The slide is left out of a low account's score when it could not lift it; the signals
-    are those of a model that fits it at every assessment."""
+    """The slide is left out of a low account's score when it could not lift it, and not
+    fitted when no line in its window falls far enough to; the signals are those of a model
+    that fits it at every assessment."""
     config = SimulationConfig(accounts=40, days=120, seed=5, history_days=56)
     from loopservice.domain.events import EVENT_ADAPTER
 
@@ -211,19 +213,224 @@ def test_a_low_account_is_decided_as_if_its_slide_were_always_fitted(
         rules = RulesBook(default_policy(), lambda d: default_policy())
         return [s.model_dump(mode="json") for s in run(events, derive_processors(rules))]
 
-    asked: list[bool] = []
-    moot = health._slide_is_moot
+    needed: list[float] = []
+    bounded: list[bool] = []
+    points_needed, may_fall = health._slide_points_needed, health._may_fall
 
-    def counted(others: list[health.Factor | None], rules: HealthRules) -> bool:
-        asked.append(moot(others, rules))
-        return asked[-1]
+    def counted_need(others: list[health.Factor], k: Any) -> float:
+        needed.append(points_needed(others, k))
+        return needed[-1]
 
-    monkeypatch.setattr(health, "_slide_is_moot", counted)
+    def counted_fall(*args: Any) -> bool:
+        bounded.append(may_fall(*args))
+        return bounded[-1]
+
+    monkeypatch.setattr(health, "_slide_points_needed", counted_need)
+    monkeypatch.setattr(health, "_may_fall", counted_fall)
     skipping = derive()
-    assert 0 < sum(asked) < len(asked)  # some slides were left out, some fitted
-    monkeypatch.setattr(health, "_slide_is_moot", lambda others, rules: False)
+    weight = HealthWeights().usage_slide
+    assert 0 < sum(need > weight for need in needed) < len(needed)  # some left out
+    assert False in bounded and True in bounded  # some fits cut short, some made
+    monkeypatch.setattr(health, "_slide_points_needed", lambda others, k: 0.0)
     assert derive() == skipping
     assert any(s["type"] == "risk.raised" for s in skipping)
+
+
+def test_no_line_falls_further_than_the_bound_that_skips_a_fit() -> None:
+    """`_may_fall` lets a fit be skipped when no hinge point far enough back gives a line that
+    falls by `least`; it must allow every fall the fit can compute (noise, slides, steps,
+    sparse values, days with gaps), and refuse needs just beyond its bound."""
+    rng = random.Random(12)
+    falls_checked = refusals = 0
+    for trial in range(300):
+        n = rng.randint(42, 63)
+        days = sorted(rng.sample(range(63), n)) if trial % 3 == 0 else list(range(63 - n, 63))
+        xs = [float(d) for d in days]
+        turn, shape = rng.randint(0, n - 1), trial % 4
+        if shape == 0:
+            ys = [abs(rng.gauss(100, 10)) for _ in xs]
+        elif shape == 1:
+            slope = rng.uniform(40, 400)
+            ys = [100 * (1 - max(0, j - turn) / slope) * rng.gauss(1, 0.02) for j in range(n)]
+        elif shape == 2:
+            ys = [80.0 if j < turn else 60.0 for j in range(n)]
+        else:
+            ys = [rng.uniform(0, 5) for _ in xs]
+        whole = xs[-1] - xs[0] == n - 1
+        sy = health._suffix_sums(ys)
+        sxy = health._suffix_sums([x * y for x, y in zip(xs, ys, strict=True)])
+        su, _, dets = health._hinge_terms(xs)
+        falls, bounds = [], []
+        for h in range(len(dets)):
+            length = xs[-1] - xs[h]
+            if length < 14 or dets[h] <= 1e-9:
+                continue
+            suy = sxy[h] - xs[h] * sy[h]
+            b = (n * suy - su[h] * sy[0]) / dets[h]  # as `_best_hinge` computes them
+            a = (sy[0] - b * su[h]) / n
+            bounds.append(-b * length / (sy[0] / n))
+            if b < 0 and a > 0:
+                falls.append(-b * length / a)
+        for fall in falls:
+            assert health._may_fall(xs, ys, whole, 14, fall), (trial, fall)
+        falls_checked += len(falls)
+        beyond = max(bounds) * 1.001 + 1e-6
+        if beyond > 0:
+            assert not health._may_fall(xs, ys, whole, 14, beyond), trial
+            refusals += 1
+    assert falls_checked > 1000 and refusals > 100
+
+
+def test_steady_usage_is_what_the_window_sums_call_no_decline() -> None:
+    """`_steady` spares `_usage` the baseline's window sums: whenever it does, those sums give
+    a drop that scores nothing. Rows made to sit at the decline mark, a hair either side."""
+    rules = HealthRules()
+    k = health._knobs(rules)
+    rng = random.Random(13)
+    length = k.row_days
+    steady = 0
+    for trial in range(600):
+        values = [round(rng.uniform(50, 150), 1) for _ in range(length)]
+        recent, base = health._usage_levels((values, 0, length, length), k)
+        assert recent is not None and base is not None
+        target = 1 - rules.usage_decline_from  # no points below this drop…
+        if trial % 3 == 0:  # …nor, rounded, a little beyond it
+            target -= rng.uniform(0, 0.003)
+        target += rng.choice((-1, 1)) * 10.0 ** -rng.randint(3, 16)
+        values[-7:] = [v * target * base / recent for v in values[-7:]]
+        end = length - trial % 2  # today without a record, in every other row
+        if end < length:
+            values[-1] = health._NONE
+        row = (values, 0, end, end)
+        recent, base = health._usage_levels(row, k)
+        assert recent is not None and base is not None
+        drop = 1 - recent / base
+        points = rules.weights.usage_decline * health._ramp(
+            drop, rules.usage_decline_from, rules.usage_decline_full
+        )
+        if health._steady(row, k):
+            steady += 1
+            assert not health._scores(points), (trial, drop)
+    assert 100 < steady < 500
+
+
+def test_a_factor_scores_when_its_rounded_points_do() -> None:
+    for points in (0.0, 0.04, 0.05, 0.06, 99.99, 100.0, 250.0, -1.0, float("nan")):
+        for p in (math.nextafter(points, -math.inf), points, math.nextafter(points, math.inf)):
+            assert health._scores(p) == (round(min(100.0, p), 1) > 0), p
+
+
+def _row_of(days: list[int], values: list[float], last: int, length: int) -> Any:
+    usage = health.DailyValues()
+    for d, v in zip(days, values, strict=True):
+        usage.put(d, v, f"ev-{d}")
+    return usage, usage.row(last - length + 1, last)
+
+
+def test_a_row_with_gaps_only_at_its_ends_reads_as_any_row_with_gaps() -> None:
+    """Rows that start late or end early take shortcuts through the baseline's windows, the
+    weekday profile and the fit: to the bit what the general reading of gaps gives."""
+    rng = random.Random(14)
+    for rules in (HealthRules(), HealthRules(slide_window_days=56, usage_window_days=21)):
+        k = health._knobs(rules)
+        length, last = k.row_days, 740_000
+        for trial in range(300):
+            first, final = last - rng.randint(0, length), last - rng.randint(0, 9)
+            days = list(range(first, final + 1))
+            turn = rng.randint(first, last)
+            values = [
+                round(rng.uniform(40, 60) * (1 - max(0, d - turn) / 150) * (d % 7 > 1), 1)
+                for d in days
+            ]
+            usage, row = _row_of(days, values, last, length)
+            values_row, start, end, count = row
+            assert count == end - start  # one run of records
+            general = (values_row, 0, length, count)  # read as if gaps were anywhere
+            assert health._usage_levels(row, k) == health._usage_levels(general, k), trial
+            for least in (rules.slide_from, rules.slide_from + 0.02):
+                fitted = health._fit_slide(row, last, k, usage, least)
+                assert fitted == health._fit_slide(general, last, k, usage, least), trial
+
+
+def test_usage_restored_as_lists_folds_as_it_does_in_arrays() -> None:
+    """A state pickled before daily values were kept in arrays restores with lists: it must
+    fold and explain itself as one that never left arrays."""
+    config = SimulationConfig(accounts=12, days=90, seed=3, history_days=56)
+    from loopservice.domain.events import EVENT_ADAPTER
+
+    events = [EVENT_ADAPTER.validate_python(e) for e in generate(config)]
+    middle = len(events) // 2
+
+    def derive(as_lists: bool) -> list[dict[str, Any]]:
+        proc = HealthProcessor(RulesBook(default_policy(), lambda d: default_policy()))
+        out = run(events[:middle], [proc])
+        if as_lists:
+            for state in proc.accounts.values():
+                u = state.usage
+                state.usage = health.DailyValues(list(u.days), list(u.values), list(u.ids))
+        out += run(events[middle:], [proc])
+        return [s.model_dump(mode="json") for s in out]
+
+    arrays = derive(False)
+    assert derive(True) == arrays
+    assert any(s["type"] == "risk.raised" for s in arrays)
+
+
+def _near_limit_by_the_sum(
+    state: AccountHealth, last: int, rules: HealthRules
+) -> tuple[bool, bool]:
+    """`_near_limit` as first written, every step taken: (an opening, armed after)."""
+    k, r = health._knobs(rules), rules.usage_recent_days
+    values, *_ = state.usage.row(last - r + 1, last)
+    values = sorted(health._recorded(values), reverse=True)
+    if not state.seats or len(values) < r:
+        return False, state.limit_armed
+    busy = values[: max(1, len(values) * 5 // 7)]
+    ratio = sum(busy) / len(busy) / state.seats
+    if ratio < rules.limit_rearm:
+        state.limit_armed = True
+    if not state.limit_armed or ratio < rules.limit_near:
+        return False, state.limit_armed
+    recent, base = health._usage_levels(health._usage_row(state, last, k), k)
+    if recent is None or base is None or recent < base * (1 - rules.usage_decline_from):
+        return False, state.limit_armed
+    state.limit_armed = False
+    return True, False
+
+
+def test_the_seat_check_skips_only_what_cannot_be_near_the_seats() -> None:
+    """`_near_limit` leaves an armed account whose every recent day is below the mark without
+    summing its busiest days: it must find what the sum finds, a hair either side of it."""
+    rules = HealthRules()
+    k = health._knobs(rules)
+    rng = random.Random(15)
+    outcomes: set[tuple[bool, bool]] = set()
+    for trial in range(600):
+        seats = rng.randint(1, 200)
+        edge = rules.limit_near * seats * (1 + rng.choice((-1, 1)) * 10.0 ** -rng.randint(4, 16))
+        history = [rng.uniform(0.8, 0.95) * edge for _ in range(93)]
+        recent = [edge] * 5 + [rng.uniform(0.3, 1.0) * edge for _ in range(2)]
+        rng.shuffle(recent)  # the busiest five at the edge: their mean is the edge
+        found = []
+        for shortcut in (True, False):
+            a = Account()
+            a.state.seats, a.state.limit_armed = seats, trial % 3 != 0
+            for d, v in enumerate(history + recent):
+                a.state.usage.put(START.toordinal() + d, v, f"ev-{d}")
+            last = START.toordinal() + 99
+            today = START.date() + timedelta(days=99)
+            if shortcut:
+                usage = event(
+                    "usage.recorded", 99, at=START + timedelta(days=99, hours=23),
+                    metric="active_users", value=recent[-1], period_start=today, period_end=today,
+                )  # fmt: skip
+                opened = bool(health._near_limit(a.state, usage, last, k))
+                found.append((opened, a.state.limit_armed))
+            else:
+                found.append(_near_limit_by_the_sum(a.state, last, rules))
+        assert found[0] == found[1], (trial, recent, seats)
+        outcomes.add(found[0])
+    assert {(True, False), (False, True)} <= outcomes
 
 
 def test_a_backfill_of_old_usage_is_history_not_a_moment_to_score() -> None:
