@@ -233,6 +233,9 @@ def compare(
             )
             report.missing.append(_diff("missing", r, reason))
             continue
+        if r == d:  # equal models dump alike; unequal ones may still (a tz offset, 1 vs 1.0)
+            report.identical += 1
+            continue
         a, b = r.model_dump(mode="json"), d.model_dump(mode="json")
         if a == b:
             report.identical += 1
