@@ -14,8 +14,11 @@ pydantic's JSON, without validating again what was validated on the way in).
 from __future__ import annotations
 
 import sqlite3
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
+from itertools import repeat
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Generic
 
@@ -34,6 +37,7 @@ from loopservice.infra.event_codec import (
     decode_event_json,
     decode_events_json,
     encode_event,
+    encode_events,
 )
 from loopservice.streams.clock import Clock, WallClock
 from loopservice.streams.log import Appended, LogRecord, T
@@ -69,10 +73,12 @@ class SQLiteLog(Generic[T]):
         encode: Callable[[T], bytes] | None = None,
         decode_body: Callable[[bytes], T] | None = None,
         decode_bodies: Callable[[list[bytes]], list[T]] | None = None,
+        encode_all: Callable[[Sequence[T]], list[bytes]] | None = None,
     ) -> None:
         """`decode` takes a record's topic and JSON; `decode_body`, when given, the JSON alone
         (the type read from it), which lets `read` leave the topic column alone;
-        `decode_bodies` several of them at once (`read` uses it when given)."""
+        `decode_bodies` several of them at once (`read` uses it when given); `encode_all`
+        encodes a batch as `encode` does each (`append` uses it when given)."""
         self.datastore = datastore
         self.recorder = SQLiteApplicationRecorder(datastore, events_table_name=table)
         self.recorder.create_table()
@@ -90,6 +96,10 @@ class SQLiteLog(Generic[T]):
         self._identity: Callable[[T], str] = identity
         self._topic: Callable[[T], str] = topic
         self._encode: Callable[[T], bytes] = encode or _pydantic_json
+        encode_each = self._encode
+        self._encode_all: Callable[[Sequence[T]], list[bytes]] = encode_all or (
+            lambda values: list(map(encode_each, values))
+        )
         self._decode: Callable[[str, bytes], T] = decode
         self._decode_body: Callable[[bytes], T] | None = decode_body
         self._decode_bodies: Callable[[list[bytes]], list[T]] | None = decode_bodies or (
@@ -110,21 +120,18 @@ class SQLiteLog(Generic[T]):
         if not values:
             return []
         stamp = self.clock.now().astimezone(UTC).strftime(_STAMP).encode()
-        identity, topic, encode = self._identity, self._topic, self._encode
-        ids = [identity(v) for v in values]
-        rows = [(i, 0, topic(v), stamp + encode(v)) for i, v in zip(ids, values, strict=True)]
+        ids = list(map(self._identity, values))
+        # Everything per record is done by C-level iterators (a batch holds thousands): the
+        # rows are zipped as executemany takes them, each state the stamp and the JSON.
+        states = map(stamp.__add__, self._encode_all(values))
+        rows = zip(ids, repeat(0), map(self._topic, values), states)
         with self.datastore.transaction(commit=True) as cursor:
             cursor.executemany(self._insert, rows)
             stored = cursor.sqlite_cursor.rowcount
             cursor.execute(f"SELECT MAX(rowid) FROM {self._table}")
             last = int(cursor.fetchone()[0] or 0)
-            if stored == len(rows):
-                return [
-                    Appended(record_id, position, duplicate=False)
-                    for record_id, position in zip(
-                        ids, range(last - stored + 1, last + 1), strict=True
-                    )
-                ]
+            if stored == len(ids):
+                return _fresh(ids, range(last - stored + 1, last + 1))
             positions = self._existing_positions(cursor, ids)
         first_new = last - stored + 1
         outcomes: list[Appended] = []
@@ -225,6 +232,23 @@ class SQLiteLog(Generic[T]):
         return found
 
 
+_consume = deque[object](maxlen=0).extend  # runs an iterator to its end, keeping nothing
+_SET_ID, _SET_POSITION, _SET_DUPLICATE = (
+    Appended.__dict__[name].__set__ for name in ("record_id", "position", "duplicate")
+)
+
+
+def _fresh(ids: list[str], positions: range) -> list[Appended]:
+    """`[Appended(i, p, duplicate=False) for i, p in zip(ids, positions)]`, set up field by
+    field by C-level iterators: the frozen dataclass's `__init__` (a Python function setting
+    each field through `object.__setattr__`) cost nearly as much as encoding the record."""
+    out: list[Appended] = list(map(object.__new__, repeat(Appended, len(ids))))
+    _consume(map(_SET_ID, out, ids))
+    _consume(map(_SET_POSITION, out, positions))
+    _consume(map(_SET_DUPLICATE, out, repeat(False)))
+    return out
+
+
 _DECODE_ROWS = 50  # fewer: more calls; more: the part falls out of the cache
 _STAMP = "%Y-%m-%dT%H:%M:%S.%f+00:00"  # always 32 bytes
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -258,13 +282,14 @@ def interaction_log(datastore: SQLiteDatastore, clock: Clock | None = None) -> S
     return SQLiteLog(
         datastore,
         "stored_interactions",
-        identity=lambda e: e.event_id,
-        topic=lambda e: e.type,
+        identity=attrgetter("event_id"),
+        topic=attrgetter("type"),
         decode=decode_interaction,
         clock=clock,
         encode=encode_event,
         decode_body=decode_event_json,
         decode_bodies=decode_events_json,
+        encode_all=encode_events,
     )
 
 
@@ -272,8 +297,8 @@ def signal_log(datastore: SQLiteDatastore, clock: Clock | None = None) -> SQLite
     return SQLiteLog(
         datastore,
         "stored_signals",
-        identity=lambda s: s.signal_id,
-        topic=lambda s: s.type,
+        identity=attrgetter("signal_id"),
+        topic=attrgetter("type"),
         decode=decode_signal,
         clock=clock,
     )

@@ -3,10 +3,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import FrozenInstanceError
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
+import pytest
 
 from factories import message, opened
 from loopservice.infra.event_codec import validate_event
@@ -17,7 +19,7 @@ from loopservice.infra.sqlite_log import (
     open_datastore,
 )
 from loopservice.streams.clock import FixedClock
-from loopservice.streams.log import LogRecord
+from loopservice.streams.log import Appended, LogRecord
 
 
 def test_append_read_positions_are_gapless(tmp_path: Path) -> None:
@@ -25,6 +27,14 @@ def test_append_read_positions_are_gapless(tmp_path: Path) -> None:
     out = log.append([opened(1), message(2), message(3)])
     assert [a.position for a in out] == [1, 2, 3]
     assert not any(a.duplicate for a in out)
+    # the outcomes are set up field by field: they must be what the dataclass makes
+    expected = [Appended(f"ev-{n}", n, duplicate=False) for n in (1, 2, 3)]
+    assert out == expected
+    assert [(type(a), hash(a), repr(a)) for a in out] == [
+        (type(a), hash(a), repr(a)) for a in expected
+    ]
+    with pytest.raises(FrozenInstanceError):
+        out[0].position = 7  # type: ignore[misc]
     out = log.append([message(4)])
     assert out[0].position == 4
     records = log.read(2, 10)
