@@ -5,7 +5,8 @@
 embedded engine, per account, state pickled into the `state` table, whose changelog topic is
 how a worker that takes the partition over gets the state back. Signals go to the signals topic
 and are acknowledged by the broker before the state that produced them is written, so a crash
-can only make a worker derive a signal again (same identity), never lose one.
+can only make a worker derive a signal again (same identity), never lose one. Records are folded
+in runs, one state write per run for the accounts it changed (`streams/kafka_runs.py`).
 
 Time is per partition: the watermark follows the partition's own event times and clock ticks.
 `tick` (every `tick_interval` seconds, on every worker, for the partitions it owns) appends a
@@ -28,7 +29,7 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -45,6 +46,13 @@ from loopservice.streams.kafka_acks import StoredAcks
 from loopservice.streams.kafka_clusters import FoldMarks, run_breach_clusters
 from loopservice.streams.kafka_delivery import AlertSink, PolicyFeed, run_delivery
 from loopservice.streams.kafka_headers import header
+from loopservice.streams.kafka_runs import (
+    IDLE_SECONDS,
+    MAX_RECORDS,
+    MAX_SECONDS,
+    Cut,
+    RunWriter,
+)
 from loopservice.streams.partitioned import Partition
 from loopservice.streams.rules import RulesBook
 from loopservice.streams.topology import build_topology
@@ -73,6 +81,31 @@ class WorkerConfig:
     tick_interval: Seconds | None = 0.5  # None: no clock ticks (a fixed log is re-run)
     session_timeout: float = 10.0
     web_port: int = 6066
+
+
+Failure = tuple[int, int, Event, str, Exception]  # partition, offset, event, processor, error
+
+
+@dataclass
+class _Run:
+    """Records folded since the last cut: their signals (sent) and the partitions they changed."""
+
+    started: float  # loop time of its first record
+    folded: int = 0
+    published: list[asyncio.Future[Any]] = field(default_factory=list)
+    signals: list[Signal] = field(default_factory=list)
+    parts: dict[int, Partition] = field(default_factory=dict)
+    records: dict[int, list[Any]] = field(default_factory=dict)  # Faust's, to ack
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """A cut run: what to write once its signals have landed, and the records to ack then."""
+
+    signals: list[Signal]
+    failures: list[Failure]
+    states: list[tuple[Partition, list[tuple[str, bytes]]]]
+    records: dict[int, list[Any]]
 
 
 @dataclass
@@ -144,7 +177,7 @@ def create_app(
     settled = False
     first_offsets: dict[int, int] = {}  # partition -> its first record on the log
     unsettled = 0  # records skipped since the last revoke, before the state was read
-    failures: list[tuple[int, int, Event, str, Exception]] = []
+    failures: list[Failure] = []
 
     def partition(number: int) -> Partition:
         found = engine.partitions.get(number)
@@ -176,23 +209,76 @@ def create_app(
         record.message.acked = True
         unsettled += 1
 
-    async def fold_record(part: Partition, offset: int, headers: Any, body: bytes) -> list[Any]:
-        """Folds one record; the futures of the writes it caused."""
+    run: _Run | None = None  # the records folded and not yet cut (`streams/kafka_runs.py`)
+    waiting_since: float | None = None  # loop time the fold began to wait for a record
+
+    def cut_when_idle(open_run: _Run) -> None:
+        """Cuts `open_run` once the fold has waited `IDLE_SECONDS` for its next record (a quiet
+        stream, or a rebalance skipping the records fetched): checked by the loop while the
+        run is open, never while a record is being folded."""
+        if run is not open_run:
+            return  # cut already
+        loop = asyncio.get_running_loop()
+        if waiting_since is not None and loop.time() - waiting_since >= IDLE_SECONDS:
+            cut()
+            return
+        since = waiting_since if waiting_since is not None else loop.time()
+        loop.call_at(since + IDLE_SECONDS, cut_when_idle, open_run)
+
+    async def fold_record(part: Partition, offset: int, headers: Any, body: bytes) -> _Run:
+        """Folds one record into the open run, sending the signals it causes."""
+        nonlocal run
+        if run is None:
+            loop = asyncio.get_running_loop()
+            run = _Run(loop.time())
+            loop.call_later(IDLE_SECONDS, cut_when_idle, run)
+        current = run
         event = decode(_type_of(headers, body), body)
         out = part.process(offset, event)
+        current.parts[part.number] = part
+        current.folded += 1
         if out:
-            await _publish(signals_topic, out)  # acknowledged before the state is written
-            on_signals(out)
-        stored = [await _dead_letter(dead_letters, *f) for f in failures]
+            current.published += await _send(signals_topic, out)
+            current.signals += out
+        return current
+
+    def cut() -> None:
+        """Ends the open run: each partition's state as of now, written once its signals land."""
+        nonlocal run
+        if run is None:
+            return
+        current, run = run, None
+        snapshot = _Snapshot(
+            current.signals,
+            failures[:],
+            [(part, part.flush()) for part in current.parts.values()],
+            current.records,
+        )
         failures.clear()
-        if engine.partitions.get(part.number) is part:
-            for key, value in part.flush():
+        writer.submit(Cut(current.published, snapshot))
+
+    async def write(snapshot: _Snapshot) -> None:
+        """Writes a run's state; its signals have landed. Acks its records with the writes."""
+        if snapshot.signals:
+            on_signals(snapshot.signals)
+        dead: dict[int, list[Any]] = {}
+        for failure in snapshot.failures:
+            dead.setdefault(failure[0], []).append(await _dead_letter(dead_letters, *failure))
+        for part, entries in snapshot.states:
+            records = snapshot.records.get(part.number, [])
+            if engine.partitions.get(part.number) is not part:
+                # Revoked since the run was cut: writing this state now could land after the
+                # new owner restored and overwrite what it folds since. Nothing is acked: the
+                # records are folded again from the committed offset.
+                for record in records:
+                    forgo(record)
+                continue
+            stored = dead.get(part.number, [])
+            for key, value in entries:
                 # What `state[key] = value` does, keeping the changelog write's future.
                 state.data[key.encode()] = value
                 stored.append(state.send_changelog(part.number, key.encode(), value))
-        # else revoked while the signals were in flight: writing this state now could land
-        # after the new owner restored and overwrite what it folds since.
-        return stored
+            acks.add_all(part.number, records, stored)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def forget(sender: Any, revoked: set[Any], **_: Any) -> None:
@@ -225,41 +311,61 @@ def create_app(
         unsettled = 0
 
     acks = StoredAcks(app.crash)
+    writer: RunWriter[_Snapshot] = RunWriter(write, app.crash)
 
     @app.agent(interactions)
     async def fold(stream: Any) -> None:
-        # One record at a time (batches from `take_events` hung across rebalances), acked by
-        # hand once the broker has everything it wrote (`streams/kafka_acks.py`).
+        # One record at a time from the stream (batches from `take_events` hung across
+        # rebalances), folded in runs (`streams/kafka_runs.py`) written once their signals
+        # have landed, acked by hand once the broker has everything they wrote
+        # (`streams/kafka_acks.py`).
+        nonlocal waiting_since
+        now = asyncio.get_running_loop().time
         async for record in stream.noack().events():
+            waiting_since = None
             message = record.message
             if not settled or message.partition not in owned:
                 # Fetched before a rebalance: whoever owns the partition once its state is
                 # read from the changelog folds it.
                 forgo(record)
-                continue
-            part = partition(message.partition)
-            stored: list[Any] = []
-            resume_at = part.resume_from(message.offset)
-            if resume_at is not None:
-                # The committed offset lies past the state (Faust commits records it skipped
-                # in a rebalance): fold the records in between, read straight from the log.
-                logger.warning(
-                    "partition %s: record %s arrived, the state ends before %s: reading the "
-                    "records in between",
-                    message.partition,
-                    message.offset,
-                    resume_at,
-                )
-                between = _records_between(config.bootstrap, message.tp, resume_at, message.offset)
-                async with aclosing(between):
-                    async for missed in between:
-                        if engine.partitions.get(message.partition) is not part:
-                            break  # revoked meanwhile: the new owner catches up itself
-                        stored += await fold_record(
-                            part, missed.offset, missed.headers, missed.value
-                        )
-            stored += await fold_record(part, message.offset, message.headers, message.value)
-            acks.add(message.partition, record, stored)
+            else:
+                await fold_message(record)
+            if run is not None and (
+                not settled or run.folded >= MAX_RECORDS or now() - run.started >= MAX_SECONDS
+            ):
+                cut()
+            await writer.room()
+            # Whether the next record is already fetched or not, the stream may yield to
+            # the fetcher first: the run stays open until the fold has waited a while.
+            waiting_since = now()
+
+    async def fold_message(record: Any) -> None:
+        now = asyncio.get_running_loop().time
+        message = record.message
+        part = partition(message.partition)
+        resume_at = part.resume_from(message.offset)
+        if resume_at is not None:
+            # The committed offset lies past the state (Faust commits records it skipped
+            # in a rebalance): fold the records in between, read straight from the log.
+            logger.warning(
+                "partition %s: record %s arrived, the state ends before %s: reading the "
+                "records in between",
+                message.partition,
+                message.offset,
+                resume_at,
+            )
+            cut()  # the records folded so far are not held back by the reading
+            between = _records_between(config.bootstrap, message.tp, resume_at, message.offset)
+            async with aclosing(between):
+                async for missed in between:
+                    if engine.partitions.get(message.partition) is not part:
+                        break  # revoked meanwhile: the new owner catches up itself
+                    folded = await fold_record(part, missed.offset, missed.headers, missed.value)
+                    if folded.folded >= MAX_RECORDS or now() - folded.started >= MAX_SECONDS:
+                        cut()
+                        await writer.room()
+        folded = await fold_record(part, message.offset, message.headers, message.value)
+        folded.records.setdefault(message.partition, []).append(record)
 
     async def tick() -> None:
         now = clock.now() - config.allowed_lateness
@@ -454,7 +560,13 @@ async def _records_between(
 
 async def _publish(topic: Any, signals: list[Signal]) -> None:
     """Sends the signals and waits until the broker has them (acks=all)."""
-    pending = [
+    for future in await _send(topic, signals):
+        await future
+
+
+async def _send(topic: Any, signals: list[Signal]) -> list[asyncio.Future[Any]]:
+    """Sends the signals, in order; the futures of the broker's acknowledgements."""
+    return [
         await topic.send(
             key=s.account_id.encode(),
             value=s.model_dump_json().encode(),
@@ -462,8 +574,6 @@ async def _publish(topic: Any, signals: list[Signal]) -> None:
         )
         for s in signals
     ]
-    for future in pending:
-        await future
 
 
 async def _dead_letter(

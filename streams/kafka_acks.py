@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,7 +30,7 @@ class Ackable(Protocol):
 
 @dataclass(slots=True)
 class _Pending:
-    record: Ackable
+    records: Sequence[Ackable]
     left: int  # writes still in flight
 
 
@@ -47,8 +47,17 @@ class StoredAcks:
         self._crashing: set[asyncio.Future[None]] = set()  # held so the task is not collected
 
     def add(self, partition: int, record: Ackable, writes: list[asyncio.Future[Any]]) -> None:
+        self.add_all(partition, [record], writes)
+
+    def add_all(
+        self, partition: int, records: Sequence[Ackable], writes: list[asyncio.Future[Any]]
+    ) -> None:
+        """Acks `records` (in order, after the partition's earlier ones) once all of `writes`
+        have landed: a run of records whose state went out in one write. With no records, the
+        writes still hold back the records added after them (records read back from the log
+        have nothing to ack, and the records after them must wait for their state)."""
         queue = self._queues.setdefault(partition, deque())
-        pending = _Pending(record, len(writes))
+        pending = _Pending(records, len(writes))
         queue.append(pending)
         if not writes:
             _ack_ready(queue)
@@ -70,4 +79,5 @@ class StoredAcks:
 
 def _ack_ready(queue: deque[_Pending]) -> None:
     while queue and queue[0].left == 0:
-        queue.popleft().record.ack()
+        for record in queue.popleft().records:
+            record.ack()

@@ -186,6 +186,7 @@ class Partition:
             out += self._advance(candidate)
         self.offset = max(self.offset, offset)
         self.next_offset = max(self.next_offset or 0, offset + 1)
+        self._unsaved_meta += 1  # counted per record: a flush may follow a run of them
         return out
 
     def _handle(self, offset: int, event: Event) -> list[Signal]:
@@ -249,7 +250,8 @@ class Partition:
     # -- persistence -------------------------------------------------------------------------
 
     def flush(self) -> list[tuple[str, bytes]]:
-        """The entries to store for what changed since the last flush, the partition last.
+        """The entries to store for what changed since the last flush (one record or a run of
+        them: an account changed twice is written once), the partition last.
 
         When anything is written, the offset processed is written after it: the changelog keeps
         one partition's writes in order, so a stored position vouches for every earlier record.
@@ -257,7 +259,6 @@ class Partition:
         shared = self._shared()
         out = [(key, self._dumps(self.accounts[key], shared)) for key in self._dirty]
         self._dirty.clear()
-        self._unsaved_meta += 1
         # The watermark stored is only a lower bound to resume from (replay moves it on), so
         # it need not be written for every record; a new policy must be, as accounts refer to it.
         if self._policy_unsaved or (self._meta_dirty and self._unsaved_meta >= META_EVERY):

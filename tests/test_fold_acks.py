@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 from loopservice.streams.kafka_acks import StoredAcks
+from loopservice.streams.kafka_runs import Cut, RunWriter
 
 
 class Record:
@@ -34,7 +35,7 @@ def writes(n: int) -> list[asyncio.Future[Any]]:
 
 
 async def settle() -> None:
-    for _ in range(3):
+    for _ in range(10):
         await asyncio.sleep(0)
 
 
@@ -85,3 +86,88 @@ async def test_a_failed_write_leaves_its_partition_unacked_and_stops_the_worker(
     await settle()
     assert acked == []
     assert [type(e) for e in worker.crashed] == [ConnectionError]
+
+
+async def test_a_run_of_records_is_acked_together_after_its_writes_in_order() -> None:
+    acked: list[str] = []
+    acks = StoredAcks(Worker().crash)
+    first, second = writes(2), writes(1)
+    acks.add_all(0, [Record(acked, "a"), Record(acked, "b")], first)
+    acks.add_all(0, [Record(acked, "c")], second)
+    second[0].set_result(None)
+    first[0].set_result(None)
+    await settle()
+    assert acked == [], "a run acked while one of its writes was in flight"
+    first[1].set_result(None)
+    await settle()
+    assert acked == ["a", "b", "c"]
+
+
+class Writes:
+    """What a `RunWriter` wrote, in order."""
+
+    def __init__(self) -> None:
+        self.done: list[str] = []
+
+    async def write(self, name: str) -> None:
+        self.done.append(name)
+
+
+async def test_a_run_is_written_only_once_its_signals_and_every_earlier_run_landed() -> None:
+    out = Writes()
+    writer: RunWriter[str] = RunWriter(out.write, Worker().crash)
+    first, second = writes(2), writes(1)
+    writer.submit(Cut(first, "first"))
+    writer.submit(Cut(second, "second"))
+    writer.submit(Cut([], "third"))  # no signals: still after the others
+    second[0].set_result(None)
+    first[0].set_result(None)
+    await settle()
+    assert out.done == [], "written before all its signals landed"
+    first[1].set_result(None)
+    await settle()
+    assert out.done == ["first", "second", "third"]
+    assert writer.pending == 0
+
+
+async def test_a_lost_signal_stops_the_writer_for_good_and_the_worker() -> None:
+    out = Writes()
+    worker = Worker()
+    writer: RunWriter[str] = RunWriter(out.write, worker.crash)
+    first, second = writes(1), writes(1)
+    writer.submit(Cut(first, "first"))
+    writer.submit(Cut(second, "second"))
+    second[0].set_result(None)
+    first[0].set_exception(ConnectionError("broker gone"))
+    await settle()
+    writer.submit(Cut([], "later"))
+    await settle()
+    assert out.done == []
+    assert [type(e) for e in worker.crashed] == [ConnectionError]
+
+
+async def test_the_fold_waits_while_too_many_runs_are_unwritten() -> None:
+    writer: RunWriter[str] = RunWriter(Writes().write, Worker().crash, max_pending=2)
+    signals = writes(2)
+    writer.submit(Cut(signals[:1], "first"))
+    await asyncio.wait_for(writer.room(), 1)  # one pending: room left
+    writer.submit(Cut(signals[1:], "second"))
+    waiting = asyncio.ensure_future(writer.room())
+    await settle()
+    assert not waiting.done()
+    signals[0].set_result(None)
+    await settle()
+    assert waiting.done()
+
+
+async def test_writes_without_records_hold_back_the_records_after_them() -> None:
+    acked: list[str] = []
+    acks = StoredAcks(Worker().crash)
+    caught_up = writes(1)  # the state of records read back from the log: nothing to ack
+    acks.add_all(0, [], caught_up)
+    acks.add_all(0, [Record(acked, "tick")], [])
+    await settle()
+    assert acked == []
+    caught_up[0].set_result(None)
+    await settle()
+    assert acked == ["tick"]
