@@ -99,8 +99,7 @@ class Partition:
         self.watermark: datetime | None = None
         self.max_seen: datetime | None = None
         self.offset = -1  # the last offset processed
-        # The next offset this partition must fold; None until it has folded or restored one.
-        self.next_offset: int | None = None
+        self._first_offset: int | None = None  # the log's first record, once restored
         self.policies: dict[str, bytes] = {}
         self._queue: list[tuple[datetime, int, str]] = []
         self._scheduled: dict[str, datetime] = {}
@@ -130,8 +129,7 @@ class Partition:
             slot = self._loads(value)
             self.accounts[key] = slot
             self._schedule(key, slot)
-        if self.next_offset is None:
-            self.next_offset = first_offset
+        self._first_offset = first_offset
 
     def _load_meta(self, value: bytes) -> None:
         meta = orjson.loads(value)
@@ -145,8 +143,12 @@ class Partition:
 
     def _load_position(self, offset: int) -> None:
         self.offset = max(self.offset, offset)
-        if offset >= 0:
-            self.next_offset = max(self.next_offset or 0, offset + 1)
+
+    @property
+    def next_offset(self) -> int | None:
+        """The next offset this partition must fold: after the last one processed or stored,
+        else the log's first; None before it has folded or restored any."""
+        return self.offset + 1 if self.offset >= 0 else self._first_offset
 
     def resume_from(self, offset: int) -> int | None:
         """Where to read again when the record at `offset` would skip records whose effect the
@@ -156,9 +158,8 @@ class Partition:
         rebalance (stale generation, flow suspended) into the offsets it commits, so after a
         takeover a commit can lie past records nobody stored. The store's own position cannot.
         """
-        if self.next_offset is None or offset <= self.next_offset:
-            return None
-        return self.next_offset
+        start = self.next_offset
+        return None if start is None or offset <= start else start
 
     # -- the fold ----------------------------------------------------------------------------
 
@@ -185,7 +186,6 @@ class Partition:
             self._meta_dirty = True
             out += self._advance(candidate)
         self.offset = max(self.offset, offset)
-        self.next_offset = max(self.next_offset or 0, offset + 1)
         self._unsaved_meta += 1  # counted per record: a flush may follow a run of them
         return out
 
