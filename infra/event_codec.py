@@ -217,7 +217,7 @@ def _builder(model: type[BaseModel]) -> Callable[[dict[str, Any]], BaseModel]:
     # Every decoded record sets every field, so its instances share one set of them. Sharing
     # is safe: a frozen model never adds to it, and `model_copy` copies it before updating.
     scope: dict[str, Any] = {
-        "NAMES": names,
+        "NAMES": list(names),  # `[*v]` makes a list, the cheapest copy of its keys
         "MODEL": model,
         "FIELDS_SET": set(names),
         "VERSION": CURRENT_SCHEMA_VERSION,
@@ -231,7 +231,7 @@ def _builder(model: type[BaseModel]) -> Callable[[dict[str, Any]], BaseModel]:
         "set_extra": _SET_EXTRA,
         "set_private": _SET_PRIVATE,
     }
-    lines = ["def build(v):", "    if tuple(v) != NAMES:", "        raise Unsupported(MODEL)"]
+    lines = ["def build(v):", "    if [*v] != NAMES:", "        raise Unsupported(MODEL)"]
     for i, (name, info) in enumerate(model.model_fields.items()):
         scope[f"K{i}"] = names[i]
         lines += _field_lines(f"K{i}", name, info, scope)

@@ -13,12 +13,13 @@ pydantic's JSON, without validating again what was validated on the way in).
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from itertools import repeat
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, Generic
 
@@ -173,17 +174,32 @@ class SQLiteLog(Generic[T]):
         """The records of the selected rows, fetched and decoded some tens at a time: the
         bodies of a part together, and the memory of one part reused for the next while
         still in the CPU cache. (Inside the read transaction, which keeps no writer waiting:
-        the log's file is in WAL mode.)"""
+        the log's file is in WAL mode.)
+
+        The collector is held off while they are built: they form no cycles, so a collection
+        meanwhile only rescans them (a tenth of the read). A part whose records share one
+        append time (nearly all: an append stamps its whole batch) is put together by C-level
+        iterators, with no Python step per record."""
         new, record = tuple.__new__, LogRecord  # as in `read`
         out: list[LogRecord[T]] = []
-        append = out.append
-        stamp, recorded_at = _NO_STAMP, _EPOCH
-        while rows := cursor.fetchmany(_DECODE_ROWS):
-            values = decode_bodies([state[32:] for _, state in rows])
-            for (position, state), value in zip(rows, values, strict=True):
-                if not state.startswith(stamp):
-                    stamp, recorded_at = _stamp(state)
-                append(new(record, (position, recorded_at, value)))
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            while rows := cursor.fetchmany(_DECODE_ROWS):
+                positions, states = zip(*rows, strict=True)
+                values = decode_bodies(list(map(_BODY, states)))
+                stamp, recorded_at = _stamp(states[0])
+                if all(map(bytes.startswith, states, repeat(stamp))):
+                    at = repeat(recorded_at)
+                    out += map(new, repeat(record), zip(positions, at, values, strict=False))
+                    continue
+                for position, state, value in zip(positions, states, values, strict=True):
+                    if not state.startswith(stamp):
+                        stamp, recorded_at = _stamp(state)
+                    out.append(new(record, (position, recorded_at, value)))
+        finally:
+            if collecting:
+                gc.enable()
         return out
 
     def read_bodies(self, start: int, limit: int) -> list[tuple[int, bytes]]:
@@ -249,6 +265,7 @@ def _fresh(ids: list[str], positions: range) -> list[Appended]:
     return out
 
 
+_BODY = itemgetter(slice(32, None))  # a state without its append stamp
 _DECODE_ROWS = 50  # fewer: more calls; more: the part falls out of the cache
 _STAMP = "%Y-%m-%dT%H:%M:%S.%f+00:00"  # always 32 bytes
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -1,3 +1,4 @@
+import gc
 import os
 import signal
 import subprocess
@@ -162,3 +163,18 @@ def test_acknowledged_appends_survive_sigkill(tmp_path: Path) -> None:
     assert log.head() >= acknowledged
     records = log.read(1, acknowledged)
     assert [r.position for r in records] == list(range(1, acknowledged + 1))
+
+
+def test_a_read_leaves_the_collector_as_it_found_it(tmp_path: Path) -> None:
+    """`read` holds the collector off while it builds records: it must hand it back on."""
+    log = interaction_log(open_datastore(tmp_path / "log.db"))
+    log.append([message(i) for i in range(120)])
+    assert gc.isenabled()
+    assert len(log.read(1, 1000)) == 120
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        assert len(log.read(1, 1000)) == 120
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
