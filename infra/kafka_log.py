@@ -19,16 +19,20 @@ markers, stays gapless. `append` returns `KafkaAppended`, which adds the partiti
 
 Duplicates. Kafka cannot check an id before appending: every append reports
 `duplicate=False`. The idempotent producer (`enable_idempotence=True`, `acks=all`) keeps its
-own retries from writing twice; a repeated submission is a second record, and consumers drop
-it by identity (event ids and signal ids in processor state, tracked positions in projections).
+own retries from writing twice; a repeated submission is a second record, with the same key
+(the account), so in the same partition. The Kafka fold (`streams/partitioned.py`) drops an
+event whose id is among the last 256 folded into its account; a repeat arriving after 256 other
+events of that account is folded again. The tenant-wide surge count skips an opening still
+pending or in its window, and a signal derived twice keeps its identity, by which the alert
+delivery and the breach clusters drop the copy. The projections do not read Kafka yet.
 
 Failure. `append` returns only once the broker has acknowledged every record (acks=all). If
 that does not happen within `timeout` seconds, or the broker cannot be reached at all, it
 raises `LogUnavailable`, and the records' fate is unknown: after a time-out those already
 queued in the producer stay queued and are written, in order and once, if the broker comes
 back before `close()`; after a connection error the producer is dropped and some may have
-been written. Retrying is always safe because consumers deduplicate. `read` and `head` raise
-`LogUnavailable` likewise.
+been written. Retrying is safe because consumers deduplicate (within the fold's bound above).
+`read` and `head` raise `LogUnavailable` likewise.
 
 Two faces: `AsyncKafkaLog` is the adapter proper, for code on an asyncio loop (a Faust agent,
 the API). `KafkaLog` is the synchronous log port over it: it owns a private event loop in a

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from loopservice.domain.events import EVENT_TYPES
+from loopservice.domain.events import EVENT_TYPES, Event
 from loopservice.domain.signals import Signal
 
 _KNOWN_TYPES = frozenset(EVENT_TYPES)
@@ -69,6 +69,14 @@ class Metrics:
             ["type"],
             registry=self.registry,
         )
+        self.fold_repeats = Counter(
+            "loop_fold_repeats",
+            "Records the Kafka fold dropped because their event_id was already folded into the "
+            "account (a repeated submission), by event type; a record read again after a crash "
+            "counts again.",
+            ["type"],
+            registry=self.registry,
+        )
         self.open_clocks = Gauge(
             "loop_sla_open_clocks",
             "SLA clocks currently running or paused.",
@@ -87,6 +95,10 @@ class Metrics:
             metric = getattr(s, "metric", None)
             if metric is not None:
                 self.sla_signals.labels(s.type, metric, str(getattr(s, "priority", ""))).inc()
+
+    def count_repeat(self, event: Event) -> None:
+        """A fold's `on_repeat`: counts a repeated submission it dropped."""
+        self.fold_repeats.labels(type_label(event.type)).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type."""

@@ -142,6 +142,7 @@ def worker_command(
         clock=WallClock(),
         alert_sink=alert_sink(alert_webhook),
         on_signals=metrics.count_signals,
+        on_repeat=metrics.count_repeat,
     )
     worker = faust.Worker(engine.app, loglevel=loglevel)
     # Faust's terminal spinner sets the root logger to DEBUG to turn on every log call, so

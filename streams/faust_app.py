@@ -124,6 +124,7 @@ def create_app(
     clock: Clock,
     alert_sink: AlertSink,
     on_signals: Callable[[list[Signal]], None] = lambda _: None,
+    on_repeat: Callable[[Event], None] = lambda _: None,
 ) -> Engine:
     app = faust.App(
         config.app_id,
@@ -191,6 +192,7 @@ def create_app(
                 policy,
                 allowed_lateness=config.allowed_lateness,
                 on_failure=on_failure,
+                on_repeat=on_repeat,
             )
             found.restore(_stored(state), first_offsets.get(number, 0))
             engine.partitions[number] = found

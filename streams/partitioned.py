@@ -24,6 +24,16 @@ records it skipped during a rebalance), so every write ends with the partition's
 under `pos/<partition>`, and a restored partition folds nothing beyond it until the records
 after it have been folded (`resume_from`: the worker reads them from the log first).
 
+A repeated submission — the same `event_id` on the log twice, which the SQLite log refuses at
+append and Kafka cannot — has the same key, so it reaches the same partition and account. Each
+account keeps the ids of the last `KEPT` (256) distinct events folded into it (`RecentIds`,
+8 bytes each in its pickle) and drops an event among them without folding it: processed and
+acked like any record, logged at debug, passed to `on_repeat`. The bound is a count: a repeat
+arriving after 256 other events of its account have been folded is folded again, as is the
+repeat of an event folded into a state pickled before the ids were kept. Policy events and
+clock ticks reach no account: the partition keeps policies by id, and a tick repeated cannot
+move the watermark again.
+
 Deadlines sit in one heap per partition, `(due, account)`, lazily invalidated and rebuilt from
 the accounts when the partition is assigned; no timer scans every account.
 """
@@ -38,7 +48,7 @@ import operator
 import pickle
 from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import count
 from types import ModuleType
@@ -52,12 +62,14 @@ from loopservice.domain.events import ClockTick, Event, PolicyPublished
 from loopservice.domain.policy import Policy, policy_from_mapping
 from loopservice.domain.signals import Signal
 from loopservice.streams.processors import CachedRules
+from loopservice.streams.recent_ids import RecentIds
 from loopservice.streams.rules import RulesBook
 from loopservice.streams.topology import Topology, build_topology
 
 logger = logging.getLogger(__name__)
 
 FailureHandler = Callable[[int, Event, str, Exception], None]
+RepeatHandler = Callable[[Event], None]
 META_EVERY = 200  # records between writes of a partition's watermark
 
 
@@ -77,6 +89,13 @@ def position_key(partition: int) -> str:
 class AccountSlot:
     applied: int  # the last offset folded into `topology`
     topology: Topology
+    folded: RecentIds = field(default_factory=RecentIds)  # ids of the last events folded
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # pickled before `folded` existed: it remembers nothing, so an event folded then and
+        # submitted again is folded again
+        state.setdefault("folded", RecentIds())
+        self.__dict__.update(state)
 
 
 class Partition:
@@ -89,10 +108,12 @@ class Partition:
         *,
         allowed_lateness: timedelta = timedelta(seconds=1),
         on_failure: FailureHandler | None = None,
+        on_repeat: RepeatHandler | None = None,
     ) -> None:
         self.number = number
         self.allowed_lateness = allowed_lateness
         self.on_failure = on_failure
+        self.on_repeat = on_repeat
         self.rules: RulesBook[Policy] = RulesBook(default_policy, policy_from_mapping)
         self.sla_cache = RulesMemo()
         self.accounts: dict[str, AccountSlot] = {}
@@ -198,6 +219,19 @@ class Partition:
             )
         if offset <= slot.applied:
             return []  # folded before a crash; the changelog was ahead of the offsets
+        if not slot.folded.add(event.event_id):
+            # A repeated submission (its key, the account, put it in this partition too): what
+            # the SQLite log refuses at append. The account is unchanged, so nothing is written.
+            logger.debug(
+                "partition %s offset %s: %s %s already folded into its account: dropped",
+                self.number,
+                offset,
+                event.type,
+                event.event_id,
+            )
+            if self.on_repeat is not None:
+                self.on_repeat(event)
+            return []
         out: list[Signal] = []
         for processor in slot.topology.by_account:
             try:

@@ -21,7 +21,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
-from test_partitioned import by_identity, embedded_signals, simulated
+from test_partitioned import by_identity, embedded_signals, simulated, with_repeats
 
 from kafka_broker import KafkaBroker, kafka_broker  # noqa: F401
 from loopservice.bench_kafka import group_consumed
@@ -230,8 +230,9 @@ def wait_for_progress(
 
 @pytest.fixture(scope="module")
 def workload(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Event], dict[str, Signal]]:
-    """≥ 50k simulated events plus a final tick per partition, and the embedded engine's
-    signals for them, topic surges and breach clusters included."""
+    """≥ 50k simulated events, one in 50 submitted twice (the Kafka log keeps both), plus a
+    final tick per partition, and the embedded engine's signals for them (its log keeps one),
+    topic surges and breach clusters included."""
     events = simulated(accounts=210, days=200, seed=5)
     end = max(e.occurred_at for e in events) + timedelta(days=30)
     expected = by_identity(
@@ -240,7 +241,7 @@ def workload(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Event], dic
         )
     )
     ticks = [clock_tick(end, partition=p) for p in range(PARTITIONS)]
-    return [*events, *ticks], expected
+    return [*with_repeats(events, every=50), *ticks], expected
 
 
 def test_one_worker_gives_the_embedded_engines_signals(
@@ -298,7 +299,7 @@ def test_a_commit_past_the_state_is_read_again_from_the_state(
     produce(
         kafka_broker.bootstrap,
         "ahead.",
-        [*events, *(clock_tick(end, partition=p) for p in range(PARTITIONS))],
+        [*with_repeats(events), *(clock_tick(end, partition=p) for p in range(PARTITIONS))],
     )
     interactions = topic_names("ahead.")[0]
     commit(kafka_broker.bootstrap, "ahead", interactions, dict.fromkeys(range(PARTITIONS), 25))

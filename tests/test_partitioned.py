@@ -4,11 +4,15 @@ restored from a key-value store across simulated crashes, gives the same signals
 
 from __future__ import annotations
 
+import pickle
 import random
 import zlib
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
+from factories import message, opened
 from loopservice.domain.events import (
     EVENT_ADAPTER,
     Actor,
@@ -28,6 +32,7 @@ from loopservice.policy_cli import default_policy
 from loopservice.simulator import SimulationConfig, generate
 from loopservice.streams.engine import EmbeddedEngine
 from loopservice.streams.partitioned import Partition
+from loopservice.streams.recent_ids import KEPT, RecentIds
 from loopservice.streams.rules import RulesBook
 from loopservice.streams.topology import build_topology
 
@@ -105,6 +110,20 @@ def partitioned_signals(
     return out, crashes
 
 
+def with_repeats(events: list[Event], every: int = 7, later: int = 5) -> list[Event]:
+    """`events` with every `every`-th one submitted again `later` records after it (a platform
+    retrying a request that timed out): what a Kafka log holds, and a SQLite log refuses."""
+    out: list[Event] = []
+    again: dict[int, Event] = {}
+    for i, event in enumerate(events):
+        out.append(event)
+        if i - later in again:
+            out.append(again.pop(i - later))
+        if i % every == 0:
+            again[i] = event
+    return [*out, *again.values()]
+
+
 def partition_of(event: Event) -> int:
     if isinstance(event, ClockTick):
         return event.partition
@@ -122,12 +141,14 @@ def by_identity(signals: list[Signal]) -> dict[str, Signal]:
 def test_partitioned_fold_gives_the_embedded_engines_signals_across_crashes(
     tmp_path: Path,
 ) -> None:
+    """With repeated submissions too: the embedded log refuses them, the partitions get them."""
     events = simulated(accounts=120, days=40, seed=11)
     end = max(e.occurred_at for e in events) + timedelta(days=30)
     # the final tick, once on the embedded log and once per partition
     expected = by_identity(embedded_signals([*events, clock_tick(end)], tmp_path))
     got_raw, crashes = partitioned_signals(
-        [*events, *(clock_tick(end, partition=p) for p in range(PARTITIONS))], crash_every=250
+        [*with_repeats(events), *(clock_tick(end, partition=p) for p in range(PARTITIONS))],
+        crash_every=250,
     )
     got = by_identity(got_raw)
     assert crashes >= 8
@@ -254,3 +275,82 @@ def test_health_state_restored_at_random_records_explains_as_the_uninterrupted_f
     raised = [s for s in expected if isinstance(s, RiskRaised)]
     assert {s.policy_version for s in raised} == {"2026.1", "2026.9"}
     assert any(f.factor == "usage_slide" for s in raised for f in s.factors)
+
+
+def folded(records: list[tuple[int, Event]]) -> tuple[list[Signal], dict[str, bytes], list[str]]:
+    """One partition's signals, its accounts' last stored state, and the repeats it dropped."""
+    dropped: list[str] = []
+    partition = Partition(0, default_policy(), on_repeat=lambda e: dropped.append(e.event_id))
+    signals: list[Signal] = []
+    store: dict[str, bytes] = {}
+    for offset, event in records:
+        signals += partition.process(offset, event)
+        store.update(partition.flush())
+    return signals, {k: v for k, v in store.items() if k.startswith("acct/")}, dropped
+
+
+def test_an_event_submitted_twice_is_folded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    events = simulated(accounts=20, days=30, seed=3)
+    end = max(e.occurred_at for e in events) + timedelta(days=30)
+    records = [*events, clock_tick(end, partition=0)]
+    # every record at an even offset; every fourth event again at the odd offset three records
+    # later, so both logs fold each first submission at the same offset
+    once = [(2 * i, e) for i, e in enumerate(records)]
+    repeats = [(2 * (i + 3) + 1, records[i]) for i in range(0, len(events), 4)]
+    twice = sorted(once + repeats, key=lambda r: r[0])
+    signals, accounts, dropped = folded(once)
+    assert dropped == []
+    assert any(s.type == "sla.breached" for s in signals)
+    got_signals, got_accounts, got_dropped = folded(twice)
+    assert got_dropped == [e.event_id for _, e in repeats]
+    assert got_signals == signals
+    assert got_accounts == accounts
+    # the repeats are ones that change an account when folded
+    monkeypatch.setattr(RecentIds, "add", lambda self, event_id: True)
+    careless_signals, careless_accounts, _ = folded(twice)
+    assert careless_accounts != accounts
+    assert careless_signals != signals
+
+
+def test_a_repeat_after_kept_other_events_of_its_account_is_folded_again() -> None:
+    dropped: list[str] = []
+    partition = Partition(0, default_policy(), on_repeat=lambda e: dropped.append(e.event_id))
+    offsets = iter(range(10**6))
+
+    def fold(event: Event) -> list[str]:
+        partition.process(next(offsets), event)
+        return [key for key, _ in partition.flush() if key.startswith("acct/")]
+
+    first = message(1)
+    fold(opened(0))
+    assert fold(first) == ["acct/0/acme/acct-1"]
+    for n in range(2, KEPT + 1):  # KEPT - 1 others, and as many of another account
+        fold(message(n))
+        fold(message(n, account_id="acct-2"))
+    assert fold(first) == []  # dropped: the account is not written
+    assert dropped == [first.event_id]
+    fold(message(KEPT + 1))  # the KEPT-th after it: `first` is forgotten
+    assert fold(first) == ["acct/0/acme/acct-1"]
+    assert dropped == [first.event_id]
+
+
+def test_an_account_pickled_before_the_ids_were_kept_loads() -> None:
+    partition = Partition(0, default_policy())
+    store: dict[str, bytes] = {}
+    for offset, event in enumerate([opened(0), message(1)]):
+        partition.process(offset, event)
+        store.update(partition.flush())
+    key = "acct/0/acme/acct-1"
+    slot = partition.accounts[key]
+    del slot.__dict__["folded"]  # what the slot held then: its pickle names no ids
+    partition._dirty[key] = None
+    store.update(partition.flush())
+    assert b"RecentIds" in pickle.dumps(RecentIds()) and b"RecentIds" not in store[key]
+    dropped: list[str] = []
+    restored = Partition(0, default_policy(), on_repeat=lambda e: dropped.append(e.event_id))
+    restored.restore(store.items())
+    assert len(restored.accounts[key].folded) == 0
+    restored.process(2, message(1))  # folded before the ids were kept: folded again
+    restored.process(3, message(3))
+    restored.process(4, message(3))
+    assert dropped == [message(3).event_id]
