@@ -101,7 +101,13 @@ def _size_of(stream: BinaryIO) -> int | None:
 @click.command("ingest")
 @click.argument("source", type=click.File("rb"), metavar="FILE|-")
 @click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help=_DB_HELP)
-@click.option("--batch-size", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 100_000),
+    default=1000,
+    show_default=True,
+    help="Events appended per transaction (each one durable before the next).",
+)
 def ingest_command(source: BinaryIO, db: Path | None, batch_size: int) -> None:
     """Append NDJSON events from FILE (or stdin with -) to the embedded log.
 

@@ -815,9 +815,27 @@ def ground_truth(config: SimulationConfig) -> dict[str, Any]:
 
 
 @click.command("simulate")
-@click.option("--accounts", type=click.IntRange(min=1), default=300, show_default=True)
-@click.option("--days", type=click.IntRange(min=1), default=90, show_default=True)
-@click.option("--seed", type=int, default=1, show_default=True)
+@click.option(
+    "--accounts",
+    type=click.IntRange(min=1),
+    default=300,
+    show_default=True,
+    help="Customer accounts (each with a tier, an owner and an onboarding journey).",
+)
+@click.option(
+    "--days",
+    type=click.IntRange(min=1),
+    default=90,
+    show_default=True,
+    help="Days of operation to simulate from --start.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Random seed: the same seed and options write the same files, byte for byte.",
+)
 @click.option(
     "--history-days",
     type=click.IntRange(min=0),
