@@ -908,8 +908,8 @@ def simulate_command(
     truth_path.write_bytes(orjson.dumps(facts, option=orjson.OPT_INDENT_2))
     seconds = wallclock.perf_counter() - began
     console.print(
-        f"{events:,} events, {accounts:,} accounts, {cases:,} cases, "
-        f"{len(facts['churns'])} churners, {len(facts['surges'])} surges, "
+        f"{events:,} events, {accounts:,} accounts, {cases:,} cases; "
+        f"churners: {len(facts['churns'])}, surges: {len(facts['surges'])}; "
         f"{seconds:.1f} s → {out} (truth: {truth_path})",
         soft_wrap=True,
         highlight=False,
