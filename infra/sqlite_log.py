@@ -176,8 +176,9 @@ class SQLiteLog(Generic[T]):
         still in the CPU cache. (Inside the read transaction, which keeps no writer waiting:
         the log's file is in WAL mode.)
 
-        The collector is held off while they are built: they form no cycles, so a collection
-        meanwhile only rescans them (a tenth of the read). A part whose records share one
+        The collector is held off while they are built (process-wide, for the milliseconds of
+        one read): they form no cycles, so a collection meanwhile only rescans them (a tenth of
+        the read's instructions). A part whose records share one
         append time (nearly all: an append stamps its whole batch) is put together by C-level
         iterators, with no Python step per record."""
         new, record = tuple.__new__, LogRecord  # as in `read`
