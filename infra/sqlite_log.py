@@ -178,18 +178,20 @@ class SQLiteLog(Generic[T]):
 
         The collector is held off while they are built (process-wide, for the milliseconds of
         one read): they form no cycles, so a collection meanwhile only rescans them (a tenth of
-        the read's instructions). A part whose records share one
-        append time (nearly all: an append stamps its whole batch) is put together by C-level
-        iterators, with no Python step per record."""
+        the read's instructions). A part whose records share one append time (nearly all: an
+        append stamps its whole batch) is put together by C-level iterators, with no Python
+        step per record."""
         new, record = tuple.__new__, LogRecord  # as in `read`
         out: list[LogRecord[T]] = []
+        stamp, recorded_at = _NO_STAMP, _EPOCH
         collecting = gc.isenabled()
         gc.disable()
         try:
             while rows := cursor.fetchmany(_DECODE_ROWS):
                 positions, states = zip(*rows, strict=True)
                 values = decode_bodies(list(map(_BODY, states)))
-                stamp, recorded_at = _stamp(states[0])
+                if not states[0].startswith(stamp):  # parsed once per append, not per part
+                    stamp, recorded_at = _stamp(states[0])
                 if all(map(bytes.startswith, states, repeat(stamp))):
                     at = repeat(recorded_at)
                     out += map(new, repeat(record), zip(positions, at, values, strict=False))
